@@ -1,0 +1,202 @@
+"""Command line of the agent: `edge-agent run|check-config|warmup|collect|demo`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config_errors import ConfigError
+from .logutil import configure_logging
+
+log = logging.getLogger("agent")
+
+
+def format_summary_line(summary: dict[str, Any]) -> str:
+    """Render one summary as a line for a person watching the agent."""
+    clock = time.strftime("%H:%M:%S", time.localtime(summary["t_end"]))
+    head = f"{clock} #{summary.get('seq', '?'):<4} {summary['source']:<18}"
+    f = summary["features"]
+    q = summary["quality"]
+    if summary["kind"] == "vibration":
+        if not f:
+            return f"{head} no analysis frames (frames received: {q.get('frames', 0)})"
+        dominant = f["dominant_defect"]
+        if dominant is None:
+            best = max(("bpfo", "bpfi", "bsf", "ftf"), key=lambda name: f[f"{name}_score"])
+            indicator = f"no bearing defect (highest {best.upper()} score {f[f'{best}_score']:.1f})"
+        else:
+            indicator = f"{dominant.upper()} {f[f'{dominant}_hz']:.1f} Hz score {f[f'{dominant}_score']:.1f}"
+        return (f"{head} v_rms {f['velocity_rms_mm_s']:6.3f} mm/s zone {f['severity_zone']}  "
+                f"a_rms {f['accel_rms']:.3f} {f['unit']}  kurt {f['kurtosis']:.2f}  {indicator}")
+    values = []
+    for name, point in list(f.items())[:5]:
+        last = point["last"]
+        shown = f"{last:.4g}" if isinstance(last, float) else str(last)
+        values.append(f"{name}={shown}{(' ' + point['unit']) if point.get('unit') else ''}")
+    errors = q.get("poll_errors", 0)
+    tail = f"  ({errors} poll errors)" if errors else ""
+    return f"{head} " + ", ".join(values) + tail if values else f"{head} no values{tail}"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .service import Agent
+
+    config = load_config(args.config)
+
+    def echo(summary: dict[str, Any]) -> None:
+        if args.echo == "line":
+            print(format_summary_line(summary), flush=True)
+        elif args.echo == "jsonl":
+            print(json.dumps(summary, sort_keys=True), flush=True)
+
+    agent = Agent(config, on_summary=echo if args.echo != "none" else None)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, agent.stop)
+        await agent.run(duration_s=args.duration)
+
+    asyncio.run(main())
+    return 0
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    print(f"{args.config}: valid ({len(cfg.vibration)} vibration and {len(cfg.modbus)} modbus sources)")
+    return 0
+
+
+def _cmd_warmup(args: argparse.Namespace) -> int:
+    from .dsp import warmup
+
+    started = time.perf_counter()
+    warmup()
+    print(f"analysis kernels compiled or loaded from cache in {time.perf_counter() - started:.2f} s")
+    return 0
+
+
+def _cmd_collect_serve(args: argparse.Namespace) -> int:
+    from .uplink.collector import serve
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(args.db, host=args.host, port=args.port, port_file=args.port_file, stop=stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def _cmd_collect_list(args: argparse.Namespace) -> int:
+    from .uplink.collector import CollectorStore, format_table
+
+    if not Path(args.db).exists():
+        print(f"error: collector database {args.db} not found; pass the --db used by 'edge-agent collect serve'",
+              file=sys.stderr)
+        return 2
+    store = CollectorStore(args.db)
+    try:
+        if args.summaries:
+            for summary in store.summaries(source=args.source):
+                print(json.dumps(summary, sort_keys=True))
+        else:
+            print(format_table(store.table()))
+    finally:
+        store.close()
+    return 0
+
+
+def _cmd_validate_cwru(args: argparse.Namespace) -> int:
+    from .validation import diagnose_file, markdown_table
+
+    folder = Path(args.folder)
+    files = sorted(folder.glob("*.mat"), key=lambda p: (len(p.name), p.name))
+    if not files:
+        print(f"error: no .mat files in {folder}; pass the folder that holds the CWRU recordings", file=sys.stderr)
+        return 2
+    print(markdown_table([diagnose_file(path) for path in files]))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(duration_s=args.duration, recording=args.recording, workdir=Path(args.workdir),
+                    config_path=Path(args.config) if args.config else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description="Edge agent for imaging-scanner plant.")
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="log level: DEBUG, INFO, WARNING or ERROR (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the agent with a configuration file")
+    p.add_argument("config", help="agent TOML configuration file")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: run until SIGTERM)")
+    p.add_argument("--echo", choices=("none", "line", "jsonl"), default="none",
+                   help="print each summary written to the buffer: a readable line or one JSON object per line")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("check-config", help="validate a configuration file without starting")
+    p.add_argument("config")
+    p.set_defaults(func=_cmd_check_config)
+
+    p = sub.add_parser("warmup", help="compile the analysis kernels into the Numba cache")
+    p.set_defaults(func=_cmd_warmup)
+
+    collect = sub.add_parser("collect", help="reference central collector")
+    csub = collect.add_subparsers(dest="collect_command", required=True)
+    p = csub.add_parser("serve", help="accept summary batches over HTTP")
+    p.add_argument("--db", default="collector.sqlite", help="SQLite file that stores the summaries")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8700, help="TCP port, 0 for an ephemeral port (default 8700)")
+    p.add_argument("--port-file", default=None, help="write the bound port to this file once listening")
+    p.set_defaults(func=_cmd_collect_serve)
+    p = csub.add_parser("list", help="print what the collector holds per source")
+    p.add_argument("--db", default="collector.sqlite")
+    p.add_argument("--summaries", action="store_true", help="print every stored summary as JSON instead of the table")
+    p.add_argument("--source", default=None, help="with --summaries: only this source")
+    p.set_defaults(func=_cmd_collect_list)
+
+    p = sub.add_parser("validate-cwru", help="diagnose every CWRU .mat recording in a folder (needs scipy)")
+    p.add_argument("folder")
+    p.set_defaults(func=_cmd_validate_cwru)
+
+    p = sub.add_parser("demo", help="run simulators, agent and collector together for a bounded time")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds the agent runs (default 60)")
+    p.add_argument("--recording", default=None, help="stream this CWRU .mat recording instead of the synthetic bearing")
+    p.add_argument("--workdir", default="demo-run", help="folder for the demo's databases, config and logs")
+    p.add_argument("--config", default=None, help="demo agent config to start from (default examples/demo.toml)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Agent configuration: one TOML file parsed into typed, validated objects."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config_errors import ConfigError, Section
+from .drivers.modbus import ModbusDeviceConfig, parse_modbus_device
+from .dsp import DefectOrders, ZONE_LIMITS_MM_S, orders_from_geometry
+
+# Defect orders of an SKF 6205 deep-groove ball bearing (9 balls, 7.94 mm balls on a
+# 39.04 mm pitch circle, 0 degree contact angle), a common motor bearing.
+SKF_6205_ORDERS = {"bpfo": 3.5848, "bpfi": 5.4152, "bsf": 2.3568, "ftf": 0.39828}
+
+
+@dataclass(frozen=True)
+class VibrationConfig:
+    id: str
+    port: str
+    baudrate: int
+    channel: int
+    frame_length: int
+    overlap: float
+    input_unit: str
+    velocity_band_hz: tuple[float, float]
+    envelope_band_hz: tuple[float, float]
+    shaft_hz: float
+    zone_limits_mm_s: tuple[float, float, float]
+    orders: DefectOrders
+    defect_threshold: float
+    defect_harmonics: int
+    defect_tolerance: float
+
+
+@dataclass(frozen=True)
+class UplinkConfig:
+    url: str | None
+    batch_size: int
+    timeout_s: float
+    backoff_initial_s: float
+    backoff_max_s: float
+    drain_timeout_s: float
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    path: str
+    gateway_id: str
+    summary_period_s: float
+    buffer_path: Path
+    buffer_synchronous: str
+    uplink: UplinkConfig
+    vibration: list[VibrationConfig] = field(default_factory=list)
+    modbus: list[ModbusDeviceConfig] = field(default_factory=list)
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Read and validate the agent's TOML file. Raises ConfigError on any invalid value."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), "<file>", str(path), f"a readable file ({exc.strerror})") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(str(path), "<file>", str(path), f"valid UTF-8 TOML ({exc})") from exc
+    return parse_config(data, str(path), base_dir=path.parent)
+
+
+def parse_config(data: dict[str, Any], file: str, base_dir: Path) -> AgentConfig:
+    """Validate an already parsed TOML document. Relative paths resolve against base_dir."""
+    root = Section(file, "", data)
+    gateway_id = root.string("gateway_id")
+
+    summary = root.sub("summary")
+    period = summary.number("period_s", 10.0, lo=0.5, hi=3600.0)
+    summary.finish()
+
+    buffer = root.sub("buffer")
+    buffer_path = base_dir / buffer.string("path", "state/buffer.sqlite")
+    synchronous = buffer.string("synchronous", "FULL", choices=("FULL", "NORMAL", "EXTRA"))
+    buffer.finish()
+
+    uplink = _parse_uplink(root.sub("uplink"))
+    vibration = [_parse_vibration(s) for s in root.table_list("vibration")]
+    modbus = [parse_modbus_device(s) for s in root.table_list("modbus")]
+    root.finish()
+
+    ids = [v.id for v in vibration] + [m.id for m in modbus]
+    for source_id in ids:
+        if ids.count(source_id) > 1:
+            raise ConfigError(file, "id", source_id, "a source id used by only one [[vibration]] or [[modbus]] entry")
+    return AgentConfig(file, gateway_id, period, buffer_path, synchronous, uplink, vibration, modbus)
+
+
+def _parse_uplink(s: Section) -> UplinkConfig:
+    url = s.raw("url", None)
+    if url is not None and (not isinstance(url, str) or not url.startswith(("http://", "https://"))):
+        raise ConfigError(s.file, s.key("url"), url, "an http:// or https:// URL, or no key to keep summaries on the gateway")
+    cfg = UplinkConfig(
+        url=url,
+        batch_size=s.integer("batch_size", 100, lo=1, hi=10000),
+        timeout_s=s.number("timeout_s", 10.0, lo=0.1, hi=300.0),
+        backoff_initial_s=s.number("backoff_initial_s", 1.0, lo=0.01, hi=600.0),
+        backoff_max_s=s.number("backoff_max_s", 60.0, lo=0.1, hi=3600.0),
+        drain_timeout_s=s.number("drain_timeout_s", 5.0, lo=0.0, hi=300.0),
+    )
+    s.finish()
+    return cfg
+
+
+def _band(s: Section, name: str, default: tuple[float, float]) -> tuple[float, float]:
+    value = s.raw(name, list(default))
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            or not 0 < value[0] < value[1]):
+        raise ConfigError(s.file, s.key(name), value, "[low, high] in Hz with 0 < low < high")
+    return float(value[0]), float(value[1])
+
+
+def _parse_vibration(s: Section) -> VibrationConfig:
+    source_id = s.string("id")
+    port = s.string("port")
+    baudrate = s.integer("baudrate", 921600, lo=1200, hi=12_000_000)
+    channel = s.integer("channel", 0, lo=0, hi=7)
+    frame_length = s.integer("frame_length", 4096, lo=64, hi=1 << 20)
+    if frame_length & (frame_length - 1):
+        raise ConfigError(s.file, s.key("frame_length"), frame_length, "a power of two such as 4096 or 16384")
+    overlap = s.number("overlap", 0.5, lo=0.0, hi=0.9)
+    input_unit = s.string("input_unit", "g", choices=("g", "m/s2"))
+    velocity_band = _band(s, "velocity_band_hz", (10.0, 1000.0))
+    envelope_band = _band(s, "envelope_band_hz", (2000.0, 5000.0))
+
+    if s.has("shaft_hz") and s.has("shaft_rpm"):
+        raise ConfigError(s.file, s.key("shaft_rpm"), s.raw("shaft_rpm"), "either shaft_hz or shaft_rpm, not both")
+    if s.has("shaft_rpm"):
+        shaft_hz = s.number("shaft_rpm", lo=1.0, hi=200_000.0) / 60.0
+    else:
+        shaft_hz = s.number("shaft_hz", lo=0.05, hi=3500.0)
+
+    machine_class = s.string("machine_class", "rigid", choices=tuple(ZONE_LIMITS_MM_S))
+    limits = s.raw("zone_limits_mm_s", list(ZONE_LIMITS_MM_S[machine_class]))
+    if (not isinstance(limits, list) or len(limits) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limits)
+            or not 0 < limits[0] < limits[1] < limits[2]):
+        raise ConfigError(s.file, s.key("zone_limits_mm_s"), limits,
+                          "three increasing velocity RMS limits in mm/s for A/B, B/C and C/D")
+
+    bearing = s.sub("bearing")
+    orders = _parse_bearing(bearing)
+    threshold = bearing.number("defect_threshold", 4.0, lo=1.0, hi=1000.0)
+    harmonics = bearing.integer("harmonics", 3, lo=1, hi=10)
+    tolerance = bearing.number("tolerance", 0.02, lo=0.001, hi=0.15)
+    bearing.finish()
+    s.finish()
+
+    return VibrationConfig(
+        id=source_id, port=port, baudrate=baudrate, channel=channel,
+        frame_length=frame_length, overlap=overlap, input_unit=input_unit,
+        velocity_band_hz=velocity_band, envelope_band_hz=envelope_band, shaft_hz=shaft_hz,
+        zone_limits_mm_s=(float(limits[0]), float(limits[1]), float(limits[2])),
+        orders=orders, defect_threshold=threshold, defect_harmonics=harmonics,
+        defect_tolerance=tolerance,
+    )
+
+
+def _parse_bearing(s: Section) -> DefectOrders:
+    geometry_keys = ("balls", "ball_diameter", "pitch_diameter")
+    if any(s.has(k) for k in geometry_keys):
+        if s.has("orders"):
+            raise ConfigError(s.file, s.key("orders"), s.raw("orders"), "either orders or geometry (balls, diameters), not both")
+        balls = s.integer("balls", lo=3, hi=100)
+        ball_d = s.number("ball_diameter", lo=0.0)
+        pitch_d = s.number("pitch_diameter", lo=0.0)
+        angle = s.number("contact_angle_deg", 0.0, lo=0.0, hi=89.0)
+        try:
+            return orders_from_geometry(balls, ball_d, pitch_d, angle)
+        except ValueError as exc:
+            raise ConfigError(s.file, s.key("ball_diameter"), ball_d, str(exc)) from exc
+
+    orders = s.raw("orders", dict(SKF_6205_ORDERS))
+    if not isinstance(orders, dict) or set(orders) != set(SKF_6205_ORDERS):
+        raise ConfigError(s.file, s.key("orders"), orders,
+                          "a table with exactly bpfo, bpfi, bsf and ftf as multiples of shaft speed")
+    for name, value in orders.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(s.file, s.key(f"orders.{name}"), value, "a positive number (multiple of shaft speed)")
+    return DefectOrders(**{k: float(v) for k, v in orders.items()})

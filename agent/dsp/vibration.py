@@ -1,0 +1,208 @@
+"""Per-frame vibration analysis: validation in Python, work in compiled kernels."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _kernels as k
+from ._fft import fft_plan
+from .bearing import DEFECTS, DefectOrders
+
+G_TO_M_S2 = 9.80665
+INPUT_UNITS = {"g": G_TO_M_S2, "m/s2": 1.0}
+
+
+def frame_length_for(sample_rate: float, max_bin_hz: float = 3.2, minimum: int = 4096) -> int:
+    """Return the shortest power-of-two frame of at least `minimum` samples whose FFT bins
+    are at most `max_bin_hz` wide.
+
+    Bearing diagnosis needs bins of a few Hz to tell BPFO, BPFI and their neighbours apart
+    below 200 Hz, so a faster stream needs a longer frame.
+    """
+    if not (math.isfinite(sample_rate) and sample_rate > 0):
+        raise ValueError(f"sample rate {sample_rate!r} is invalid; pass a positive number of Hz")
+    n = minimum
+    while sample_rate / n > max_bin_hz:
+        n *= 2
+    return n
+
+
+@dataclass(frozen=True, slots=True)
+class FrameFeatures:
+    """Features of one analysis frame. Acceleration values are in the input unit.
+
+    kurtosis is Pearson's (3 for Gaussian noise); velocity_rms_mm_s covers the configured
+    velocity band; envelope_spectrum is the amplitude spectrum of the band-passed
+    envelope, bin k at k * sample_rate / frame_length Hz.
+    """
+
+    rms: float
+    peak: float
+    peak_to_peak: float
+    crest_factor: float
+    kurtosis: float
+    skewness: float
+    velocity_rms_mm_s: float
+    envelope_rms: float
+    spectrum: np.ndarray
+    envelope_spectrum: np.ndarray
+
+
+class FrameAnalyzer:
+    """Analyse fixed-length frames of one channel at one sample rate.
+
+    Parameters
+    ----------
+    sample_rate : float
+        Samples per second.
+    frame_length : int
+        Samples per frame, a power of two >= 64.
+    velocity_band : (float, float)
+        Band in Hz for velocity RMS; 10-1000 Hz is the ISO 20816 band.
+    envelope_band : (float, float)
+        Band-pass in Hz applied before the Hilbert envelope; it should contain a
+        structural resonance that the bearing impacts excite.
+    input_unit : "g" or "m/s2"
+    """
+
+    def __init__(self, sample_rate: float, frame_length: int = 4096,
+                 velocity_band: tuple[float, float] = (10.0, 1000.0),
+                 envelope_band: tuple[float, float] = (2000.0, 5000.0),
+                 input_unit: str = "g") -> None:
+        if not (isinstance(sample_rate, (int, float)) and math.isfinite(sample_rate) and sample_rate > 0):
+            raise ValueError(f"sample rate {sample_rate!r} is invalid; pass a positive number of Hz")
+        if not isinstance(frame_length, int) or frame_length < 64 or frame_length & (frame_length - 1):
+            raise ValueError(
+                f"frame length {frame_length!r} is not supported; use a power of two >= 64 "
+                "such as 4096")
+        if input_unit not in INPUT_UNITS:
+            raise ValueError(f"input unit {input_unit!r} is invalid; use one of {sorted(INPUT_UNITS)}")
+        nyquist = sample_rate / 2
+        df = sample_rate / frame_length
+        for name, (lo, hi) in (("velocity band", velocity_band), ("envelope band", envelope_band)):
+            if not (0 < lo < hi):
+                raise ValueError(f"{name} {lo}-{hi} Hz is invalid; expected 0 < low < high")
+            if hi > nyquist:
+                raise ValueError(
+                    f"{name} {lo}-{hi} Hz reaches above the Nyquist frequency {nyquist:g} Hz of a "
+                    f"{sample_rate:g} Hz stream; lower the band's upper edge")
+            if hi - lo < 2 * df:
+                raise ValueError(
+                    f"{name} {lo}-{hi} Hz is narrower than two FFT bins ({df:.3g} Hz each); "
+                    "widen the band or use a longer frame")
+        self.sample_rate = float(sample_rate)
+        self.frame_length = frame_length
+        self.velocity_band = (float(velocity_band[0]), float(velocity_band[1]))
+        self.envelope_band = (float(envelope_band[0]), float(envelope_band[1]))
+        self.input_unit = input_unit
+        self._to_m_s2 = INPUT_UNITS[input_unit]
+        self._plan = fft_plan(frame_length)
+        self._window = np.hanning(frame_length + 1)[:-1].copy()  # periodic Hann
+
+    @property
+    def bin_hz(self) -> float:
+        return self.sample_rate / self.frame_length
+
+    def analyse(self, frame: np.ndarray) -> FrameFeatures:
+        """Analyse one frame of acceleration samples (1-D, float, input unit)."""
+        x = np.asarray(frame)
+        if x.ndim != 1 or x.shape[0] != self.frame_length:
+            raise ValueError(
+                f"frame shape {x.shape} is invalid; expected ({self.frame_length},) samples of one channel")
+        if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
+            raise ValueError(f"frame dtype {x.dtype} is invalid; pass float or integer samples")
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        if not np.all(np.isfinite(x)):
+            bad = int(np.count_nonzero(~np.isfinite(x)))
+            raise ValueError(f"frame has {bad} NaN or infinite samples; drop or repair the frame before analysis")
+        if np.ptp(x) == 0.0:
+            raise ValueError(
+                f"frame is constant ({x[0]!r} in every sample), so its crest factor and kurtosis are "
+                "undefined; check that the sensor is connected")
+
+        n = self.frame_length
+        stats = np.empty(k.N_STATS)
+        spectrum = np.empty(n // 2 + 1)
+        envelope = np.empty(n // 2 + 1)
+        plan = self._plan
+        k._frame_kernel(x, self.sample_rate, self._window, plan.twiddles, plan.bitrev,
+                        plan.bitrev_half, self.velocity_band[0], self.velocity_band[1],
+                        self.envelope_band[0], self.envelope_band[1], self._to_m_s2,
+                        stats, spectrum, envelope)
+        return FrameFeatures(
+            rms=float(stats[k.RMS]),
+            peak=float(stats[k.PEAK]),
+            peak_to_peak=float(stats[k.PEAK_TO_PEAK]),
+            crest_factor=float(stats[k.CREST]),
+            kurtosis=float(stats[k.KURTOSIS]),
+            skewness=float(stats[k.SKEWNESS]),
+            velocity_rms_mm_s=float(stats[k.VELOCITY_RMS]),
+            envelope_rms=float(stats[k.ENVELOPE_RMS]),
+            spectrum=spectrum,
+            envelope_spectrum=envelope,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DefectIndicators:
+    """Envelope amplitude (input unit) and score of each defect frequency.
+
+    A score is the mean peak over the harmonics divided by the envelope spectrum's
+    median, so about 1 means "not above the noise floor". `dominant` is the defect with
+    the highest score if that score reaches the threshold, else None.
+    """
+
+    frequencies_hz: dict[str, float]
+    amplitudes: dict[str, float]
+    scores: dict[str, float]
+    dominant: str | None
+
+
+def defect_indicators(envelope_spectrum: np.ndarray, bin_hz: float, shaft_hz: float,
+                      orders: DefectOrders, *, harmonics: int = 3, tolerance: float = 0.02,
+                      threshold: float = 4.0, floor_band_hz: tuple[float, float] | None = None
+                      ) -> DefectIndicators:
+    """Score the bearing defect frequencies in an (averaged) envelope spectrum.
+
+    `tolerance` is the relative search width around each harmonic, which absorbs the
+    slip of rolling elements and an imprecise shaft speed. The noise floor is the median
+    of the spectrum over `floor_band_hz` (default: from half the cage frequency to just
+    above the highest harmonic searched).
+    """
+    spec = np.ascontiguousarray(envelope_spectrum, dtype=np.float64)
+    if spec.ndim != 1 or spec.size < 8:
+        raise ValueError(f"envelope spectrum shape {spec.shape} is invalid; expected a 1-D spectrum of >= 8 bins")
+    if not np.all(np.isfinite(spec)):
+        raise ValueError("envelope spectrum contains NaN or infinite values; analyse valid frames only")
+    if not (math.isfinite(bin_hz) and bin_hz > 0):
+        raise ValueError(f"bin width {bin_hz!r} Hz is invalid; pass sample_rate / frame_length")
+    if not (isinstance(harmonics, int) and 1 <= harmonics <= 10):
+        raise ValueError(f"harmonics={harmonics!r} is invalid; use 1 to 10")
+    if not (0 < tolerance < 0.2):
+        raise ValueError(f"tolerance={tolerance!r} is invalid; use a fraction between 0 and 0.2")
+    freqs = orders.frequencies_hz(shaft_hz)
+    top_hz = (spec.size - 1) * bin_hz
+    highest = max(freqs.values()) * harmonics * (1 + tolerance)
+    if highest > top_hz:
+        raise ValueError(
+            f"the highest defect harmonic ({highest:.1f} Hz) lies above the spectrum's top "
+            f"frequency {top_hz:.1f} Hz; reduce harmonics or raise the sample rate")
+    if floor_band_hz is None:
+        floor_band_hz = (0.5 * freqs["ftf"], highest + 10 * bin_hz)
+
+    f = np.array([freqs[name] for name in DEFECTS])
+    amplitudes = np.empty(len(DEFECTS))
+    scores = np.empty(len(DEFECTS))
+    k._defect_kernel(spec, float(bin_hz), f, harmonics, float(tolerance),
+                     float(floor_band_hz[0]), float(floor_band_hz[1]), amplitudes, scores)
+    best = int(np.argmax(scores))
+    dominant = DEFECTS[best] if scores[best] >= threshold else None
+    return DefectIndicators(
+        frequencies_hz=freqs,
+        amplitudes={name: float(a) for name, a in zip(DEFECTS, amplitudes)},
+        scores={name: float(s) for name, s in zip(DEFECTS, scores)},
+        dominant=dominant,
+    )
