@@ -23,6 +23,8 @@ def format_summary_line(summary: dict[str, Any]) -> str:
     """Render one summary as a line for a person watching the agent."""
     clock = time.strftime("%H:%M:%S", time.localtime(summary["t_end"]))
     head = f"{clock} #{summary.get('seq', '?'):<4} {summary['source']:<18}"
+    if summary["quality"].get("partial_window"):
+        head += " (last, partial window)"
     f = summary["features"]
     q = summary["quality"]
     if summary["kind"] == "vibration":

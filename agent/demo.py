@@ -106,11 +106,12 @@ def run_demo(duration_s: float, recording: str | None, workdir: Path, config_pat
             stdout=collector_log.open("w"), stderr=subprocess.STDOUT, env=env)
         sim_cmd = [sys.executable, "-m", "firmware_sim.cli", "--manifest", str(workdir / "sim.json"),
                    "--vibration", recording or "synthetic", "--sdm630", "--cpa"]
-        sim = subprocess.Popen(sim_cmd, stdout=sim_log.open("w"), stderr=subprocess.STDOUT, env=env)
+        sim_endpoints = workdir / "sim.out"
+        sim = subprocess.Popen(sim_cmd, stdout=sim_endpoints.open("w"), stderr=sim_log.open("w"), env=env)
 
         port = int(_wait_for_file(workdir / "collector.port", collector, "collector", collector_log))
         manifest = json.loads(_wait_for_file(workdir / "sim.json", sim, "simulator", sim_log))
-        print(sim_log.read_text().rstrip())
+        print(sim_endpoints.read_text().rstrip())
         print(f"collector listening on 127.0.0.1:{port}, database {workdir / 'collector.sqlite'}")
 
         config = build_agent_config(template, manifest, port, workdir)

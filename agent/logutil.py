@@ -46,3 +46,5 @@ def configure_logging(level: str = "INFO") -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # httpx logs every request at INFO; the uploader logs failures and recoveries itself.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -121,6 +121,9 @@ class Agent:
     async def _poll_loop(self, source: PointsSource, driver: ModbusTcpDriver) -> None:
         errors = RateLimitedLog(log)
         interval = driver.config.poll_interval_s
+        # open() returns False while the device is down; later polls keep reconnecting.
+        if not await driver.open():
+            log.warning("%s: device not reachable at start; retrying with backoff", source.id)
         next_poll = time.monotonic()
         while not self.stop_event.is_set():
             try:
