@@ -46,7 +46,7 @@ def rfft(x):
         raise ValueError("input contains NaN or infinite values; rfft needs finite samples")
     plan = fft_plan(arr.size)
     out = np.empty(arr.size // 2 + 1, dtype=np.complex128)
-    _fft._rfft(arr, plan.twiddles, plan.bitrev_half, out)
+    _fft._rfft(arr, plan.tables, out)
     return out
 
 

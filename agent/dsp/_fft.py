@@ -51,12 +51,13 @@ def _fft_inplace(a, twiddles, bitrev, stride):
 
 
 @njit(**_JIT)
-def _rfft(x, twiddles, bitrev_half, out):
+def _rfft(x, tables, out):
     """Write the one-sided spectrum of real `x` (length n) into `out` (length n/2 + 1).
 
     Packs the even and odd samples into one complex sequence of length n/2, transforms
     it, and separates the two half spectra with the length-n twiddles.
     """
+    twiddles, bitrev, bitrev_half = tables
     n = x.size
     m = n // 2
     z = np.empty(m, dtype=np.complex128)
@@ -75,8 +76,9 @@ def _rfft(x, twiddles, bitrev_half, out):
 
 
 @njit(**_JIT)
-def _ifft_inplace(a, twiddles, bitrev):
-    """Inverse transform of `a` in place, normalised by 1/n."""
+def _ifft_inplace(a, tables):
+    """Inverse transform of complex `a` (length n) in place, normalised by 1/n."""
+    twiddles, bitrev, bitrev_half = tables
     n = a.size
     for i in range(n):
         a[i] = a[i].conjugate()
@@ -102,7 +104,7 @@ class FftPlan:
     inside the real FFT) and the bit-reversal tables of lengths n and n/2.
     """
 
-    __slots__ = ("n", "twiddles", "bitrev", "bitrev_half")
+    __slots__ = ("n", "twiddles", "bitrev", "bitrev_half", "tables")
 
     def __init__(self, n: int) -> None:
         if n < 4 or n & (n - 1):
@@ -115,6 +117,8 @@ class FftPlan:
         self.twiddles = np.exp(-2j * math.pi * k / n).astype(np.complex128)
         self.bitrev = _bit_reversal(n)
         self.bitrev_half = _bit_reversal(n // 2)
+        # The tuple the kernels take: `_rfft(x, tables, out)` and `_ifft_inplace(a, tables)`.
+        self.tables = (self.twiddles, self.bitrev, self.bitrev_half)
 
 
 @lru_cache(maxsize=16)

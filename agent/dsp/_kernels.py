@@ -62,7 +62,7 @@ def _time_stats(x, out):
 
 
 @njit(**_JIT)
-def _frame_kernel(x, sample_rate, window, twiddles, bitrev, bitrev_half,
+def _frame_kernel(x, sample_rate, window, fft_tables,
                   velocity_lo_hz, velocity_hi_hz, envelope_lo_hz, envelope_hi_hz,
                   to_m_s2, stats, spectrum, envelope_spectrum):
     """Analyse one frame of acceleration samples.
@@ -89,7 +89,7 @@ def _frame_kernel(x, sample_rate, window, twiddles, bitrev, bitrev_half,
     for i in range(n):
         xw[i] = (x[i] - mean) * window[i]
     spec = np.empty(m + 1, dtype=np.complex128)
-    _rfft(xw, twiddles, bitrev_half, spec)
+    _rfft(xw, fft_tables, spec)
     amp_scale = 2.0 / window_sum
     for k in range(m + 1):
         spectrum[k] = abs(spec[k]) * amp_scale
@@ -109,13 +109,13 @@ def _frame_kernel(x, sample_rate, window, twiddles, bitrev, bitrev_half,
     # the band, doubled, and transform back. Its magnitude is the envelope.
     for i in range(n):
         xw[i] = x[i] - mean
-    _rfft(xw, twiddles, bitrev_half, spec)
+    _rfft(xw, fft_tables, spec)
     z = np.zeros(n, dtype=np.complex128)
     for k in range(1, m):
         f = k * df
         if f >= envelope_lo_hz and f <= envelope_hi_hz:
             z[k] = 2.0 * spec[k]
-    _ifft_inplace(z, twiddles, bitrev)
+    _ifft_inplace(z, fft_tables)
 
     env_mean = 0.0
     for i in range(n):
@@ -128,7 +128,7 @@ def _frame_kernel(x, sample_rate, window, twiddles, bitrev, bitrev_half,
         env_power += d * d
         xw[i] = d * window[i]
     stats[ENVELOPE_RMS] = math.sqrt(env_power / n)
-    _rfft(xw, twiddles, bitrev_half, spec)
+    _rfft(xw, fft_tables, spec)
     for k in range(m + 1):
         envelope_spectrum[k] = abs(spec[k]) * amp_scale
 

@@ -128,8 +128,7 @@ class FrameAnalyzer:
         spectrum = np.empty(n // 2 + 1)
         envelope = np.empty(n // 2 + 1)
         plan = self._plan
-        k._frame_kernel(x, self.sample_rate, self._window, plan.twiddles, plan.bitrev,
-                        plan.bitrev_half, self.velocity_band[0], self.velocity_band[1],
+        k._frame_kernel(x, self.sample_rate, self._window, plan.tables, self.velocity_band[0], self.velocity_band[1],
                         self.envelope_band[0], self.envelope_band[1], self._to_m_s2,
                         stats, spectrum, envelope)
         return FrameFeatures(
