@@ -14,6 +14,7 @@ from typing import Any
 
 from . import __version__
 from .config_errors import ConfigError
+from .jitcache import CacheDirError
 from .logutil import configure_logging
 
 log = logging.getLogger("agent")
@@ -31,7 +32,9 @@ def format_summary_line(summary: dict[str, Any]) -> str:
         if not f:
             return f"{head} no analysis frames (frames received: {q.get('frames', 0)})"
         dominant = f["dominant_defect"]
-        if dominant is None:
+        if f.get("bpfo_score") is None:
+            indicator = "shaft speed unknown, no defect scored"
+        elif dominant is None:
             best = max(("bpfo", "bpfi", "bsf", "ftf"), key=lambda name: f[f"{name}_score"])
             indicator = f"no bearing defect (highest {best.upper()} score {f[f'{best}_score']:.1f})"
         else:
@@ -46,6 +49,17 @@ def format_summary_line(summary: dict[str, Any]) -> str:
     errors = q.get("poll_errors", 0)
     tail = f"  ({errors} poll errors)" if errors else ""
     return f"{head} " + ", ".join(values) + tail if values else f"{head} no values{tail}"
+
+
+def _set_cache_dir(args: argparse.Namespace) -> None:
+    """Apply --cache-dir, else the config's [dsp] cache_dir, before the DSP is imported."""
+    from .jitcache import peek_cache_dir, use_cache_dir
+
+    path = args.cache_dir
+    if path is None and getattr(args, "config", None):
+        path = peek_cache_dir(args.config)
+    if path is not None:
+        use_cache_dir(path)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -81,11 +95,14 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_warmup(args: argparse.Namespace) -> int:
-    from .dsp import warmup
+    import os
 
     started = time.perf_counter()
+    from .dsp import warmup
+
     warmup()
-    print(f"analysis kernels compiled or loaded from cache in {time.perf_counter() - started:.2f} s")
+    where = os.environ.get("NUMBA_CACHE_DIR") or "Numba's default location beside the package"
+    print(f"analysis kernels compiled or loaded from cache in {time.perf_counter() - started:.2f} s; cache: {where}")
     return 0
 
 
@@ -130,7 +147,7 @@ def _cmd_validate_cwru(args: argparse.Namespace) -> int:
     if not files:
         print(f"error: no .mat files in {folder}; pass the folder that holds the CWRU recordings", file=sys.stderr)
         return 2
-    print(markdown_table([diagnose_file(path) for path in files]))
+    print(markdown_table([diagnose_file(path, automatic=args.automatic) for path in files]))
     return 0
 
 
@@ -145,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description="Edge agent for imaging-scanner plant.")
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     parser.add_argument("--log-level", default="INFO", help="log level: DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="directory for compiled analysis kernels (default: the config's [dsp] cache_dir, "
+                             "else NUMBA_CACHE_DIR, else beside the package)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the agent with a configuration file")
@@ -159,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_check_config)
 
     p = sub.add_parser("warmup", help="compile the analysis kernels into the Numba cache")
+    p.add_argument("--config", default=None, help="take the cache directory from this config's [dsp] cache_dir")
     p.set_defaults(func=_cmd_warmup)
 
     collect = sub.add_parser("collect", help="reference central collector")
@@ -177,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate-cwru", help="diagnose every CWRU .mat recording in a folder (needs scipy)")
     p.add_argument("folder")
+    p.add_argument("--automatic", action="store_true",
+                   help="choose the envelope band from the data and estimate the shaft speed (20-40 Hz) "
+                        "instead of using 2-5 kHz and the recorded speed")
     p.set_defaults(func=_cmd_validate_cwru)
 
     p = sub.add_parser("demo", help="run simulators, agent and collector together for a bounded time")
@@ -192,8 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     try:
+        _set_cache_dir(args)
         return args.func(args)
     except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except CacheDirError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

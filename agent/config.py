@@ -27,8 +27,12 @@ class VibrationConfig:
     overlap: float
     input_unit: str
     velocity_band_hz: tuple[float, float]
-    envelope_band_hz: tuple[float, float]
-    shaft_hz: float
+    envelope_band_hz: tuple[float, float] | None  # None: chosen from the first frames
+    shaft_hz: float | None  # None: estimated from the spectrum within shaft_search_hz
+    shaft_search_hz: tuple[float, float] | None
+    shaft_harmonics: int
+    bands_hz: tuple[tuple[float, float], ...]
+    peaks: int
     zone_limits_mm_s: tuple[float, float, float]
     orders: DefectOrders
     defect_threshold: float
@@ -54,6 +58,7 @@ class AgentConfig:
     buffer_path: Path
     buffer_synchronous: str
     uplink: UplinkConfig
+    dsp_cache_dir: Path | None
     vibration: list[VibrationConfig] = field(default_factory=list)
     modbus: list[ModbusDeviceConfig] = field(default_factory=list)
 
@@ -87,6 +92,9 @@ def parse_config(data: dict[str, Any], file: str, base_dir: Path) -> AgentConfig
     buffer.finish()
 
     uplink = _parse_uplink(root.sub("uplink"))
+    dsp = root.sub("dsp")
+    cache_dir = dsp.string("cache_dir", None) if dsp.raw("cache_dir", None) is not None else None
+    dsp.finish()
     vibration = [_parse_vibration(s) for s in root.table_list("vibration")]
     modbus = [parse_modbus_device(s) for s in root.table_list("modbus")]
     root.finish()
@@ -95,7 +103,8 @@ def parse_config(data: dict[str, Any], file: str, base_dir: Path) -> AgentConfig
     for source_id in ids:
         if ids.count(source_id) > 1:
             raise ConfigError(file, "id", source_id, "a source id used by only one [[vibration]] or [[modbus]] entry")
-    return AgentConfig(file, gateway_id, period, buffer_path, synchronous, uplink, vibration, modbus)
+    return AgentConfig(file, gateway_id, period, buffer_path, synchronous, uplink,
+                       base_dir / cache_dir if cache_dir else None, vibration, modbus)
 
 
 def _parse_uplink(s: Section) -> UplinkConfig:
@@ -133,15 +142,39 @@ def _parse_vibration(s: Section) -> VibrationConfig:
         raise ConfigError(s.file, s.key("frame_length"), frame_length, "a power of two such as 4096 or 16384")
     overlap = s.number("overlap", 0.5, lo=0.0, hi=0.9)
     input_unit = s.string("input_unit", "g", choices=("g", "m/s2"))
-    velocity_band = _band(s, "velocity_band_hz", (10.0, 1000.0))
-    envelope_band = _band(s, "envelope_band_hz", (2000.0, 5000.0))
+    if s.has("envelope_band_hz") and s.raw("envelope_band_hz") == "auto":
+        envelope_band = None
+    else:
+        envelope_band = _band(s, "envelope_band_hz", (2000.0, 5000.0))
 
-    if s.has("shaft_hz") and s.has("shaft_rpm"):
-        raise ConfigError(s.file, s.key("shaft_rpm"), s.raw("shaft_rpm"), "either shaft_hz or shaft_rpm, not both")
+    given = [k for k in ("shaft_hz", "shaft_rpm", "shaft_search_hz") if s.has(k)]
+    if len(given) != 1:
+        raise ConfigError(s.file, s.key("shaft_hz"), given or None,
+                          "exactly one of shaft_hz, shaft_rpm (a fixed speed) or shaft_search_hz "
+                          "(a [low, high] Hz band in which to estimate the speed from the spectrum)")
+    shaft_search = None
     if s.has("shaft_rpm"):
         shaft_hz = s.number("shaft_rpm", lo=1.0, hi=200_000.0) / 60.0
-    else:
+    elif s.has("shaft_hz"):
         shaft_hz = s.number("shaft_hz", lo=0.05, hi=3500.0)
+    else:
+        shaft_hz = None
+        shaft_search = _band(s, "shaft_search_hz", (5.0, 100.0))
+    shaft_harmonics = s.integer("shaft_harmonics", 1, lo=1, hi=5)
+    low_speed = (shaft_hz if shaft_hz is not None else shaft_search[1]) < 10.0
+    velocity_band = _band(s, "velocity_band_hz", (2.0, 1000.0) if low_speed else (10.0, 1000.0))
+
+    bands_raw = s.raw("bands_hz", [])
+    if not isinstance(bands_raw, list):
+        raise ConfigError(s.file, s.key("bands_hz"), bands_raw, "a list of [low, high] bands in Hz")
+    bands = []
+    for i, band in enumerate(bands_raw):
+        if (not isinstance(band, list) or len(band) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in band)
+                or not 0 <= band[0] < band[1]):
+            raise ConfigError(s.file, s.key(f"bands_hz[{i}]"), band, "[low, high] in Hz with 0 <= low < high")
+        bands.append((float(band[0]), float(band[1])))
+    peaks = s.integer("peaks", 5, lo=0, hi=50)
 
     machine_class = s.string("machine_class", "rigid", choices=tuple(ZONE_LIMITS_MM_S))
     limits = s.raw("zone_limits_mm_s", list(ZONE_LIMITS_MM_S[machine_class]))
@@ -163,6 +196,7 @@ def _parse_vibration(s: Section) -> VibrationConfig:
         id=source_id, port=port, baudrate=baudrate, channel=channel,
         frame_length=frame_length, overlap=overlap, input_unit=input_unit,
         velocity_band_hz=velocity_band, envelope_band_hz=envelope_band, shaft_hz=shaft_hz,
+        shaft_search_hz=shaft_search, shaft_harmonics=shaft_harmonics, bands_hz=tuple(bands), peaks=peaks,
         zone_limits_mm_s=(float(limits[0]), float(limits[1]), float(limits[2])),
         orders=orders, defect_threshold=threshold, defect_harmonics=harmonics,
         defect_tolerance=tolerance,

@@ -59,9 +59,9 @@ def build_agent_config(template: dict[str, Any], manifest: dict[str, Any], colle
         channel["frame_length"] = frame_length_for(vib["sample_rate"])
         channel["shaft_rpm"] = vib["shaft_rpm"]
         channel.pop("shaft_hz", None)
-        nyquist = vib["sample_rate"] / 2
-        lo, hi = channel.get("envelope_band_hz", [2000.0, 5000.0])
-        channel["envelope_band_hz"] = [lo, min(hi, 0.9 * nyquist)]
+        band = channel.get("envelope_band_hz", [2000.0, 5000.0])
+        if band != "auto":
+            channel["envelope_band_hz"] = [band[0], min(band[1], 0.45 * vib["sample_rate"])]
     profile_to_kind = {"cryomech_cpa": "cpa", "sdm630": "sdm630"}
     for device in config.get("modbus", []):
         sim = devices[profile_to_kind[device["profile"]]]

@@ -17,14 +17,31 @@ import numpy as np
 
 from .config import VibrationConfig
 from .drivers.base import Frame, Reading
-from .dsp import FrameAnalyzer, FrameFeatures, defect_indicators, severity_zone
+from .dsp import (
+    DEFECTS,
+    FrameAnalyzer,
+    FrameFeatures,
+    band_rms,
+    defect_indicators,
+    estimate_shaft_speed,
+    select_envelope_band,
+    severity_zone,
+    spectral_peaks,
+)
 from .logutil import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
 # Analysis frames waiting for a worker thread beyond this count are dropped (and counted),
 # so a slow gateway falls behind by a bounded amount instead of growing memory.
-MAX_PENDING_FRAMES = 8
+MAX_PENDING_FRAMES = 16
+
+# Frames whose envelope kurtosis decides an automatic envelope band.
+BAND_SELECTION_FRAMES = 8
+
+# A speed estimate whose running-speed peak is less prominent than this over the
+# median of the search band is treated as unknown, and no defect is scored.
+MIN_SPEED_PROMINENCE = 2.0
 
 
 class VibrationSource:
@@ -42,6 +59,8 @@ class VibrationSource:
         self.id = cfg.id
         self.hop = max(1, int(round(cfg.frame_length * (1.0 - cfg.overlap))))
         self.analyzer: FrameAnalyzer | None = None
+        self._sample_rate: float | None = None
+        self._bands: list[tuple[float, float]] = []
         self._samples = np.empty(0)
         self._pending: deque[np.ndarray] = deque()
         self._wake = asyncio.Event()
@@ -60,10 +79,10 @@ class VibrationSource:
             return
         self.counters["frames"] += 1
         self._window.frames += 1
-        if self.analyzer is None or self.analyzer.sample_rate != frame.sample_rate:
+        if self._sample_rate != frame.sample_rate:
             self._start_stream(frame.sample_rate)
-            if self.analyzer is None:
-                return
+        if self._sample_rate is None:
+            return
         chunk = frame.samples[:, self.cfg.channel].astype(np.float64) * frame.scale
         self._samples = np.concatenate((self._samples, chunk))
         n = self.cfg.frame_length
@@ -78,24 +97,43 @@ class VibrationSource:
             self._wake.set()
 
     def _start_stream(self, sample_rate: float) -> None:
-        if self.analyzer is not None:
+        if self._sample_rate is not None:
             self.counters["stream_restarts"] += 1
             log.warning("%s: sample rate changed from %g to %g Hz; restarting frame assembly",
-                        self.id, self.analyzer.sample_rate, sample_rate)
+                        self.id, self._sample_rate, sample_rate)
         self._samples = np.empty(0)
         self._pending.clear()
+        self._window = _VibrationWindow()
+        self.analyzer = None
+        self._sample_rate = sample_rate
+        nyquist = sample_rate / 2
+        self._bands = [b for b in self.cfg.bands_hz if b[1] <= nyquist]
+        for band in self.cfg.bands_hz:
+            if band[1] > nyquist:
+                log.error("%s: band %g-%g Hz lies above the Nyquist frequency of a %g Hz stream; "
+                          "it is left out", self.id, band[0], band[1], sample_rate)
+        if self.cfg.envelope_band_hz is not None:
+            self._make_analyzer(self.cfg.envelope_band_hz)
+        else:
+            log.info("%s: choosing the envelope band from the first %d frames", self.id, BAND_SELECTION_FRAMES)
+
+    def _make_analyzer(self, envelope_band: tuple[float, float]) -> None:
+        assert self._sample_rate is not None
+        sample_rate = self._sample_rate
         try:
             self.analyzer = FrameAnalyzer(sample_rate, self.cfg.frame_length,
                                           velocity_band=self.cfg.velocity_band_hz,
-                                          envelope_band=self.cfg.envelope_band_hz,
+                                          envelope_band=envelope_band,
                                           input_unit=self.cfg.input_unit)
         except ValueError as exc:
             self.analyzer = None
+            self._sample_rate = None
             self.counters["invalid_frames"] += 1
             self._errors.log(logging.ERROR, "config", "%s: cannot analyse a %g Hz stream: %s", self.id, sample_rate, exc)
             return
         bin_hz = self.analyzer.bin_hz
-        bpfo_hz = self.cfg.orders.bpfo * self.cfg.shaft_hz
+        speed = self.cfg.shaft_hz if self.cfg.shaft_hz is not None else self.cfg.shaft_search_hz[0]
+        bpfo_hz = self.cfg.orders.bpfo * speed
         if bin_hz > 0.05 * bpfo_hz:
             log.warning("%s: frame_length %d gives %.2f Hz bins at %g Hz, too coarse to separate bearing "
                         "defect frequencies near %.1f Hz; use a longer frame", self.id,
@@ -104,7 +142,8 @@ class VibrationSource:
     async def run_analysis(self, stop: asyncio.Event) -> None:
         """Analyse pending frames in a worker thread until `stop` is set."""
         while not stop.is_set():
-            if not self._pending:
+            waiting_for_band = self.analyzer is None and len(self._pending) < BAND_SELECTION_FRAMES
+            if not self._pending or waiting_for_band:
                 self._wake.clear()
                 waiter = asyncio.ensure_future(self._wake.wait())
                 stopper = asyncio.ensure_future(stop.wait())
@@ -114,8 +153,27 @@ class VibrationSource:
                 continue
             await self.analyse_pending()
 
+    async def _choose_envelope_band(self) -> None:
+        frames = np.stack(list(self._pending)[:BAND_SELECTION_FRAMES])
+        rate = self._sample_rate
+        try:
+            band, prominence = await asyncio.to_thread(select_envelope_band, frames, rate)
+        except ValueError as exc:
+            self._pending.popleft()
+            self.counters["invalid_frames"] += 1
+            self._errors.log(logging.WARNING, "band", "%s: envelope band selection failed: %s", self.id, exc)
+            return
+        if rate != self._sample_rate:
+            return  # the stream restarted while the band was being chosen
+        log.info("%s: envelope band %.0f-%.0f Hz chosen (envelope line prominence %.1f)",
+                 self.id, band[0], band[1], prominence)
+        self._make_analyzer(band)
+
     async def analyse_pending(self) -> None:
         """Analyse every frame waiting now (also used to finish the last window at stop)."""
+        if (self.analyzer is None and self._sample_rate is not None
+                and len(self._pending) >= BAND_SELECTION_FRAMES):
+            await self._choose_envelope_band()
         while self._pending and self.analyzer is not None:
             x = self._pending.popleft()
             analyzer = self.analyzer
@@ -145,15 +203,14 @@ class VibrationSource:
             return {}, quality, []
 
         cfg = self.cfg
+        analyzer = self.analyzer
         velocity = math.sqrt(window.velocity_sq / window.n)
         zone = severity_zone(velocity, cfg.zone_limits_mm_s)
+        spectrum = np.sqrt(window.spectrum_power / window.n)
         envelope = np.sqrt(window.envelope_power / window.n)
-        indicators = defect_indicators(envelope, self.analyzer.bin_hz, cfg.shaft_hz, cfg.orders,
-                                       harmonics=cfg.defect_harmonics, tolerance=cfg.defect_tolerance,
-                                       threshold=cfg.defect_threshold)
         features: dict[str, Any] = {
             "unit": cfg.input_unit,
-            "sample_rate_hz": self.analyzer.sample_rate,
+            "sample_rate_hz": analyzer.sample_rate,
             "frame_length": cfg.frame_length,
             "accel_rms": math.sqrt(window.rms_sq / window.n),
             "accel_peak": window.peak,
@@ -162,16 +219,58 @@ class VibrationSource:
             "kurtosis": window.kurtosis / window.n,
             "skewness": window.skewness / window.n,
             "velocity_rms_mm_s": velocity,
+            "velocity_band_low_hz": analyzer.velocity_band[0],
+            "velocity_band_high_hz": analyzer.velocity_band[1],
             "severity_zone": zone,
             "envelope_rms": math.sqrt(window.envelope_rms_sq / window.n),
-            "shaft_hz": cfg.shaft_hz,
-            "dominant_defect": indicators.dominant,
+            "envelope_band_low_hz": analyzer.envelope_band[0],
+            "envelope_band_high_hz": analyzer.envelope_band[1],
             "dsp_ms_per_frame": 1000.0 * window.dsp_seconds / window.n,
         }
-        for name in indicators.scores:
-            features[f"{name}_hz"] = indicators.frequencies_hz[name]
-            features[f"{name}_envelope"] = indicators.amplitudes[name]
-            features[f"{name}_score"] = indicators.scores[name]
+        for i, (lo, hi) in enumerate(self._bands):
+            features[f"band_{lo:g}_{hi:g}_hz_rms"] = float(band_rms(spectrum, analyzer.bin_hz, [[lo, hi]])[0])
+        if cfg.peaks:
+            for i, (freq, amp) in enumerate(spectral_peaks(spectrum, analyzer.bin_hz, cfg.peaks)):
+                features[f"peak{i + 1}_hz"] = freq
+                features[f"peak{i + 1}_amplitude"] = amp
+
+        shaft_hz = cfg.shaft_hz
+        if shaft_hz is None:
+            try:
+                shaft_hz, prominence = estimate_shaft_speed(spectrum, analyzer.bin_hz, cfg.shaft_search_hz,
+                                                            cfg.shaft_harmonics)
+            except ValueError as exc:
+                self._errors.log(logging.ERROR, "speed", "%s: shaft speed estimation failed: %s", self.id, exc)
+                shaft_hz, prominence = None, 0.0
+            features["shaft_speed_prominence"] = prominence
+            if prominence < MIN_SPEED_PROMINENCE:
+                shaft_hz = None
+                quality["shaft_speed_unknown"] = True
+            features["shaft_speed_estimated"] = True
+        features["shaft_hz"] = shaft_hz
+
+        indicators = None
+        if shaft_hz is not None:
+            try:
+                indicators = defect_indicators(envelope, analyzer.bin_hz, shaft_hz, cfg.orders,
+                                               harmonics=cfg.defect_harmonics, tolerance=cfg.defect_tolerance,
+                                               threshold=cfg.defect_threshold)
+            except ValueError as exc:
+                self._errors.log(logging.ERROR, "defects", "%s: defect scoring failed: %s", self.id, exc)
+        features["dominant_defect"] = indicators.dominant if indicators else None
+        for name in DEFECTS:
+            features[f"{name}_hz"] = indicators.frequencies_hz[name] if indicators else None
+            features[f"{name}_envelope"] = indicators.amplitudes[name] if indicators else None
+            features[f"{name}_score"] = indicators.scores[name] if indicators else None
+        features["bpfi_sideband_score"] = indicators.bpfi_sideband_score if indicators else None
+
+        nonfinite = [name for name, value in features.items() if isinstance(value, float) and not math.isfinite(value)]
+        for name in nonfinite:
+            features[name] = None
+        if nonfinite:
+            quality["nonfinite_features"] = len(nonfinite)
+            self._errors.log(logging.ERROR, "nonfinite", "%s: non-finite features left out of the summary: %s",
+                             self.id, ", ".join(nonfinite))
 
         alarms = []
         if zone in ("C", "D"):
@@ -182,7 +281,7 @@ class VibrationSource:
                 "value": velocity, "limit": limit,
                 "message": f"velocity RMS {velocity:.2f} mm/s is in zone {zone}",
             })
-        if indicators.dominant is not None:
+        if indicators is not None and indicators.dominant is not None:
             name = indicators.dominant
             alarms.append({
                 "name": f"bearing_{name}",
@@ -212,7 +311,10 @@ class _VibrationWindow:
         self.kurtosis = 0.0
         self.skewness = 0.0
         self.dsp_seconds = 0.0
+        # Sums of squared amplitude spectra: their mean over overlapping frames is Welch's
+        # averaged spectrum, steadier than any single frame's.
         self.envelope_power: np.ndarray | float = 0.0
+        self.spectrum_power: np.ndarray | float = 0.0
 
     def add(self, f: FrameFeatures, seconds: float) -> None:
         self.n += 1
@@ -226,6 +328,7 @@ class _VibrationWindow:
         self.skewness += f.skewness
         self.dsp_seconds += seconds
         self.envelope_power = self.envelope_power + f.envelope_spectrum * f.envelope_spectrum
+        self.spectrum_power = self.spectrum_power + f.spectrum * f.spectrum
 
 
 class PointsSource:

@@ -144,20 +144,31 @@ def test_geometry_gives_cwru_orders():
     assert math.isclose(o.bsf, 2.3568, abs_tol=1e-3)
 
 
-def _reference_scores(env, bin_hz, freqs, harmonics, tol, floor_band):
+def _peak(env, bin_hz, centre, tol):
+    w = max(centre * tol, bin_hz)
+    a = max(1, int(math.floor((centre - w) / bin_hz)))
+    b = min(env.size - 1, int(math.ceil((centre + w) / bin_hz)))
+    return env[a:b + 1].max()
+
+
+def _reference_scores(env, bin_hz, freqs, harmonics, tol, floor_band, shaft_hz):
     lo = max(1, int(math.floor(floor_band[0] / bin_hz)))
     hi = min(env.size - 1, int(math.ceil(floor_band[1] / bin_hz)))
     floor = np.median(env[lo:hi + 1])
     scores = {}
     for name, f in freqs.items():
-        peaks = []
-        for h in range(1, harmonics + 1):
-            c = h * f
-            w = max(c * tol, bin_hz)
-            a = max(1, int(math.floor((c - w) / bin_hz)))
-            b = min(env.size - 1, int(math.ceil((c + w) / bin_hz)))
-            peaks.append(env[a:b + 1].max())
+        peaks = [_peak(env, bin_hz, h * f, tol) for h in range(1, harmonics + 1)]
         scores[name] = float(np.mean(peaks) / floor)
+        if name == "bpfi":
+            # Sidebands at +- shaft rate, searched with the harmonic's absolute width.
+            sidebands = []
+            for h in range(1, harmonics + 1):
+                c = h * f
+                lower = _peak(env, bin_hz, c - shaft_hz, tol * c / max(c - shaft_hz, bin_hz))
+                upper = _peak(env, bin_hz, c + shaft_hz, tol * c / (c + shaft_hz))
+                sidebands.append(0.5 * (lower + upper))
+            sideband_score = np.mean(sidebands) / floor
+            scores[name] = float(scores[name] + 0.5 * max(0.0, sideband_score - 2.0))
     return scores
 
 
@@ -168,10 +179,27 @@ def test_defect_scores_match_reference():
     bin_hz = 12000 / 4096
     env[round(162.1 / bin_hz)] = 0.5
     got = defect_indicators(env, bin_hz, 29.95, orders, floor_band_hz=(6.0, 600.0))
-    expected = _reference_scores(env, bin_hz, orders.frequencies_hz(29.95), 3, 0.02, (6.0, 600.0))
+    expected = _reference_scores(env, bin_hz, orders.frequencies_hz(29.95), 3, 0.02, (6.0, 600.0), 29.95)
     for name, value in expected.items():
         assert math.isclose(got.scores[name], value, rel_tol=RTOL), name
     assert got.dominant == "bpfi"
+
+
+def test_bpfi_sidebands_raise_score():
+    orders = DefectOrders(bpfo=3.5848, bpfi=5.4152, bsf=2.3568, ftf=0.39828)
+    bin_hz = 12000 / 4096
+    base = np.full(2049, 0.01)
+    for h in (1, 2, 3):
+        base[round(h * 162.2 / bin_hz)] = 0.1
+    with_sidebands = base.copy()
+    for h in (1, 2, 3):
+        for side in (-29.95, 29.95):
+            with_sidebands[round((h * 162.2 + side) / bin_hz)] = 0.1
+    plain = defect_indicators(base, bin_hz, 29.95, orders)
+    modulated = defect_indicators(with_sidebands, bin_hz, 29.95, orders)
+    assert modulated.scores["bpfi"] > plain.scores["bpfi"]
+    assert modulated.bpfi_sideband_score > 5.0
+    assert plain.bpfi_sideband_score == pytest.approx(1.0)
 
 
 def test_defect_rejects_coarse_spectrum():

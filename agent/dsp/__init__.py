@@ -7,18 +7,30 @@ analysis runs inside compiled code without a Python round trip.
 
 from .bearing import DEFECTS, DefectOrders, orders_from_geometry
 from .severity import ZONE_LIMITS_MM_S, severity_zone
+from .spectrum import (
+    amplitude_spectrum,
+    band_rms,
+    estimate_shaft_speed,
+    select_envelope_band,
+    spectral_peaks,
+    welch,
+    window,
+)
 from .vibration import (
     G_TO_M_S2,
+    BatchFeatures,
     DefectIndicators,
     FrameAnalyzer,
     FrameFeatures,
     defect_indicators,
     frame_length_for,
+    velocity_band_for,
 )
 from ._fft import fft_plan
 from . import _fft
 
 __all__ = [
+    "BatchFeatures",
     "DEFECTS",
     "DefectIndicators",
     "DefectOrders",
@@ -29,9 +41,17 @@ __all__ = [
     "defect_indicators",
     "frame_length_for",
     "orders_from_geometry",
+    "amplitude_spectrum",
+    "band_rms",
+    "estimate_shaft_speed",
     "rfft",
+    "select_envelope_band",
     "severity_zone",
+    "spectral_peaks",
+    "velocity_band_for",
     "warmup",
+    "welch",
+    "window",
 ]
 
 
@@ -62,3 +82,10 @@ def warmup() -> None:
     orders = DefectOrders(bpfo=3.5848, bpfi=5.4152, bsf=2.3568, ftf=0.39828)
     defect_indicators(features.envelope_spectrum, analyzer.bin_hz, 20.0, orders)
     rfft(x)
+    frames = np.stack([x, x[::-1].copy()])
+    analyzer.analyse_batch(frames)
+    band_rms(features.spectrum, analyzer.bin_hz, [[10.0, 500.0]])
+    spectral_peaks(features.spectrum, analyzer.bin_hz, 3)
+    estimate_shaft_speed(features.spectrum, analyzer.bin_hz, (10.0, 100.0))
+    select_envelope_band(frames, 8192.0, [[1000.0, 2000.0], [2000.0, 3000.0]], (20.0, 400.0))
+    welch(np.concatenate([x, x]), 8192.0, 1024)

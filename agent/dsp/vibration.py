@@ -10,6 +10,7 @@ import numpy as np
 from . import _kernels as k
 from ._fft import fft_plan
 from .bearing import DEFECTS, DefectOrders
+from .spectrum import check_spectrum
 
 G_TO_M_S2 = 9.80665
 INPUT_UNITS = {"g": G_TO_M_S2, "m/s2": 1.0}
@@ -28,6 +29,13 @@ def frame_length_for(sample_rate: float, max_bin_hz: float = 3.2, minimum: int =
     while sample_rate / n > max_bin_hz:
         n *= 2
     return n
+
+
+def velocity_band_for(shaft_hz: float | None) -> tuple[float, float]:
+    """Return the ISO 20816 velocity band: 2-1000 Hz below 600 rpm (10 Hz), else 10-1000 Hz."""
+    if shaft_hz is not None and shaft_hz < 10.0:
+        return (2.0, 1000.0)
+    return (10.0, 1000.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,22 +114,52 @@ class FrameAnalyzer:
     def bin_hz(self) -> float:
         return self.sample_rate / self.frame_length
 
-    def analyse(self, frame: np.ndarray) -> FrameFeatures:
-        """Analyse one frame of acceleration samples (1-D, float, input unit)."""
-        x = np.asarray(frame)
-        if x.ndim != 1 or x.shape[0] != self.frame_length:
-            raise ValueError(
-                f"frame shape {x.shape} is invalid; expected ({self.frame_length},) samples of one channel")
+    def _validate(self, frames: np.ndarray, ndim: int) -> np.ndarray:
+        x = np.asarray(frames)
+        expected = f"({self.frame_length},)" if ndim == 1 else f"(n_frames, {self.frame_length})"
+        if x.ndim != ndim or x.shape[-1] != self.frame_length or x.size == 0:
+            raise ValueError(f"frame shape {x.shape} is invalid; expected {expected} samples of one channel")
         if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
             raise ValueError(f"frame dtype {x.dtype} is invalid; pass float or integer samples")
         x = np.ascontiguousarray(x, dtype=np.float64)
-        if not np.all(np.isfinite(x)):
-            bad = int(np.count_nonzero(~np.isfinite(x)))
+        finite = np.isfinite(x)
+        if not np.all(finite):
+            bad = int(np.count_nonzero(~finite))
             raise ValueError(f"frame has {bad} NaN or infinite samples; drop or repair the frame before analysis")
-        if np.ptp(x) == 0.0:
+        constant = np.ptp(np.atleast_2d(x), axis=1) == 0.0
+        if np.any(constant):
+            where = int(np.argmax(constant))
             raise ValueError(
-                f"frame is constant ({x[0]!r} in every sample), so its crest factor and kurtosis are "
-                "undefined; check that the sensor is connected")
+                f"frame {where} is constant ({np.atleast_2d(x)[where, 0]!r} in every sample), so its crest "
+                "factor and kurtosis are undefined; check that the sensor is connected")
+        return x
+
+    def analyse_batch(self, frames: np.ndarray) -> BatchFeatures:
+        """Analyse many frames (n_frames, frame_length) in one call, spread over threads."""
+        x = self._validate(frames, 2)
+        n_frames, n = x.shape
+        stats = np.empty((n_frames, k.N_STATS))
+        spectra = np.empty((n_frames, n // 2 + 1))
+        envelopes = np.empty((n_frames, n // 2 + 1))
+        k._batch_kernel(x, self.sample_rate, self._window, self._plan.tables, self.velocity_band[0],
+                        self.velocity_band[1], self.envelope_band[0], self.envelope_band[1],
+                        self._to_m_s2, stats, spectra, envelopes)
+        return BatchFeatures(
+            rms=stats[:, k.RMS].copy(),
+            peak=stats[:, k.PEAK].copy(),
+            peak_to_peak=stats[:, k.PEAK_TO_PEAK].copy(),
+            crest_factor=stats[:, k.CREST].copy(),
+            kurtosis=stats[:, k.KURTOSIS].copy(),
+            skewness=stats[:, k.SKEWNESS].copy(),
+            velocity_rms_mm_s=stats[:, k.VELOCITY_RMS].copy(),
+            envelope_rms=stats[:, k.ENVELOPE_RMS].copy(),
+            spectrum=spectra,
+            envelope_spectrum=envelopes,
+        )
+
+    def analyse(self, frame: np.ndarray) -> FrameFeatures:
+        """Analyse one frame of acceleration samples (1-D, float, input unit)."""
+        x = self._validate(frame, 1)
 
         n = self.frame_length
         stats = np.empty(k.N_STATS)
@@ -146,6 +184,22 @@ class FrameAnalyzer:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchFeatures:
+    """Features of many frames: each field is an array with one entry (or row) per frame."""
+
+    rms: np.ndarray
+    peak: np.ndarray
+    peak_to_peak: np.ndarray
+    crest_factor: np.ndarray
+    kurtosis: np.ndarray
+    skewness: np.ndarray
+    velocity_rms_mm_s: np.ndarray
+    envelope_rms: np.ndarray
+    spectrum: np.ndarray
+    envelope_spectrum: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
 class DefectIndicators:
     """Envelope amplitude (input unit) and score of each defect frequency.
 
@@ -158,6 +212,7 @@ class DefectIndicators:
     amplitudes: dict[str, float]
     scores: dict[str, float]
     dominant: str | None
+    bpfi_sideband_score: float
 
 
 def defect_indicators(envelope_spectrum: np.ndarray, bin_hz: float, shaft_hz: float,
@@ -171,13 +226,7 @@ def defect_indicators(envelope_spectrum: np.ndarray, bin_hz: float, shaft_hz: fl
     of the spectrum over `floor_band_hz` (default: from half the cage frequency to just
     above the highest harmonic searched).
     """
-    spec = np.ascontiguousarray(envelope_spectrum, dtype=np.float64)
-    if spec.ndim != 1 or spec.size < 8:
-        raise ValueError(f"envelope spectrum shape {spec.shape} is invalid; expected a 1-D spectrum of >= 8 bins")
-    if not np.all(np.isfinite(spec)):
-        raise ValueError("envelope spectrum contains NaN or infinite values; analyse valid frames only")
-    if not (math.isfinite(bin_hz) and bin_hz > 0):
-        raise ValueError(f"bin width {bin_hz!r} Hz is invalid; pass sample_rate / frame_length")
+    spec = check_spectrum(envelope_spectrum, bin_hz)
     if not (isinstance(harmonics, int) and 1 <= harmonics <= 10):
         raise ValueError(f"harmonics={harmonics!r} is invalid; use 1 to 10")
     if not (0 < tolerance < 0.2):
@@ -195,8 +244,11 @@ def defect_indicators(envelope_spectrum: np.ndarray, bin_hz: float, shaft_hz: fl
     f = np.array([freqs[name] for name in DEFECTS])
     amplitudes = np.empty(len(DEFECTS))
     scores = np.empty(len(DEFECTS))
+    sidebands = np.empty(len(DEFECTS))
+    bpfi = DEFECTS.index("bpfi")
     k._defect_kernel(spec, float(bin_hz), f, harmonics, float(tolerance),
-                     float(floor_band_hz[0]), float(floor_band_hz[1]), amplitudes, scores)
+                     float(floor_band_hz[0]), float(floor_band_hz[1]), bpfi, float(shaft_hz),
+                     amplitudes, scores, sidebands)
     best = int(np.argmax(scores))
     dominant = DEFECTS[best] if scores[best] >= threshold else None
     return DefectIndicators(
@@ -204,4 +256,5 @@ def defect_indicators(envelope_spectrum: np.ndarray, bin_hz: float, shaft_hz: fl
         amplitudes={name: float(a) for name, a in zip(DEFECTS, amplitudes)},
         scores={name: float(s) for name, s in zip(DEFECTS, scores)},
         dominant=dominant,
+        bpfi_sideband_score=float(sidebands[bpfi]),
     )
