@@ -93,7 +93,7 @@ def diagnose(x: np.ndarray, sample_rate: int, rpm: float | None, *, overlap: flo
     analyzer = FrameAnalyzer(float(sample_rate), n, envelope_band=envelope_band)
     hop = int(n * (1 - overlap))
     velocity_sq = kurtosis = crest = 0.0
-    envelope_power = np.zeros(n // 2 + 1)
+    envelope_power = np.zeros(analyzer.envelope_points // 2 + 1)
     spectrum_power = np.zeros(n // 2 + 1)
     frames = 0
     for start in range(0, x.size - n + 1, hop):

@@ -57,3 +57,20 @@ def envelope(x: np.ndarray, fs: float, band: tuple[float, float]) -> np.ndarray:
 def envelope_spectrum(x: np.ndarray, fs: float, band: tuple[float, float]) -> np.ndarray:
     env = envelope(x, fs, band)
     return amplitude_spectrum(env)
+
+
+def baseband_envelope_spectrum(x: np.ndarray, fs: float, band: tuple[float, float], points: int) -> np.ndarray:
+    """Return the envelope spectrum computed at baseband, as the compiled kernel does.
+
+    The band's bins of the analytic signal are shifted down to bin 0 and transformed back
+    with `points` points, which samples the envelope exactly every n / points samples.
+    """
+    n = x.size
+    spec = np.fft.rfft(x - x.mean())
+    f = np.fft.rfftfreq(n, 1 / fs)
+    keep = np.flatnonzero((f >= band[0]) & (f <= band[1]) & (np.arange(f.size) > 0) & (np.arange(f.size) < n // 2))
+    z = np.zeros(points, dtype=complex)
+    count = min(keep.size, points)
+    z[:count] = 2 * spec[keep[:count]]
+    env = np.abs(np.fft.ifft(z)) * points / n
+    return amplitude_spectrum(env)

@@ -64,13 +64,16 @@ def _time_stats(x, out):
 @njit(**_JIT)
 def _frame_kernel(x, sample_rate, window, fft_tables,
                   velocity_lo_hz, velocity_hi_hz, envelope_lo_hz, envelope_hi_hz,
-                  to_m_s2, stats, spectrum, envelope_spectrum):
+                  to_m_s2, envelope_window, envelope_tables, stats, spectrum, envelope_spectrum):
     """Analyse one frame of acceleration samples.
 
     Writes the statistics vector, the one-sided amplitude spectrum of the Hann-windowed
     frame (peak amplitude, input units) and the amplitude spectrum of the band-passed
-    Hilbert envelope (input units). `to_m_s2` converts the input unit to m/s^2 for the
-    velocity integration.
+    Hilbert envelope (input units). `window` must be the periodic Hann window of the
+    frame's length. `to_m_s2` converts the input unit to m/s^2 for the velocity
+    integration. The envelope is computed at baseband with `envelope_window.size` points
+    (see below), so `envelope_spectrum` has envelope_window.size / 2 + 1 bins of the same
+    width as `spectrum`.
     """
     n = x.size
     m = n // 2
@@ -84,15 +87,23 @@ def _frame_kernel(x, sample_rate, window, fft_tables,
         window_sum += window[i]
         window_power += window[i] * window[i]
 
-    # Windowed spectrum of the mean-removed frame.
+    # One transform of the mean-removed frame serves both spectra: the periodic Hann
+    # window 0.5 - 0.5 cos(2 pi i / n) is, in the frequency domain, the three-tap
+    # convolution Xw[k] = 0.5 X[k] - 0.25 (X[k-1] + X[k+1]), with X[-1] = conj(X[1])
+    # and X[m+1] = conj(X[m-1]) for real input.
     xw = np.empty(n)
     for i in range(n):
-        xw[i] = (x[i] - mean) * window[i]
+        xw[i] = x[i] - mean
     spec = np.empty(m + 1, dtype=np.complex128)
     _rfft(xw, fft_tables, spec)
+    windowed = np.empty(m + 1, dtype=np.complex128)
+    windowed[0] = 0.5 * spec[0] - 0.5 * spec[1].real
+    windowed[m] = 0.5 * spec[m] - 0.5 * spec[m - 1].real
+    for k in range(1, m):
+        windowed[k] = 0.5 * spec[k] - 0.25 * (spec[k - 1] + spec[k + 1])
     amp_scale = 2.0 / window_sum
     for k in range(m + 1):
-        spectrum[k] = abs(spec[k]) * amp_scale
+        spectrum[k] = abs(windowed[k]) * amp_scale
 
     # Velocity RMS by integration in the frequency domain: V(f) = A(f) / (2 pi f).
     # Parseval with the window's power gain: rms^2 = 2 * sum|X_k|^2 / (n * sum w^2).
@@ -101,36 +112,48 @@ def _frame_kernel(x, sample_rate, window, fft_tables,
         f = k * df
         if f >= velocity_lo_hz and f <= velocity_hi_hz:
             w = 2.0 * math.pi * f
-            mag2 = spec[k].real * spec[k].real + spec[k].imag * spec[k].imag
+            mag2 = windowed[k].real * windowed[k].real + windowed[k].imag * windowed[k].imag
             acc += mag2 / (w * w)
     stats[VELOCITY_RMS] = math.sqrt(2.0 * acc / (n * window_power)) * to_m_s2 * 1000.0
 
-    # Analytic signal of the band-passed frame: keep the positive-frequency bins inside
-    # the band, doubled, and transform back. Its magnitude is the envelope.
-    for i in range(n):
-        xw[i] = x[i] - mean
-    _rfft(xw, fft_tables, spec)
-    z = np.zeros(n, dtype=np.complex128)
+    # Envelope at baseband. The analytic band-passed signal keeps the bins k_lo..k_hi,
+    # doubled. Shifting them down to start at bin 0 changes only its phase, not its
+    # magnitude, and a shorter inverse transform of p points samples that magnitude
+    # exactly at every (n / p)-th instant: |z[j n / p]| = (p / n) |ifft_p(Z[k_lo + .])[j]|.
+    p = envelope_window.size
+    z = np.zeros(p, dtype=np.complex128)
     for k in range(1, m):
         f = k * df
         if f >= envelope_lo_hz and f <= envelope_hi_hz:
-            z[k] = 2.0 * spec[k]
-    _ifft_inplace(z, fft_tables)
+            break
+    k_lo = k
+    for k in range(k_lo, m):
+        if k * df > envelope_hi_hz:
+            break
+        if k - k_lo < p:
+            z[k - k_lo] = 2.0 * spec[k]
+    _ifft_inplace(z, envelope_tables)
 
+    env = np.empty(p)
     env_mean = 0.0
-    for i in range(n):
-        xw[i] = abs(z[i])
-        env_mean += xw[i]
-    env_mean /= n
+    ratio = p / n
+    for i in range(p):
+        env[i] = abs(z[i]) * ratio
+        env_mean += env[i]
+    env_mean /= p
     env_power = 0.0
-    for i in range(n):
-        d = xw[i] - env_mean
+    env_window_sum = 0.0
+    for i in range(p):
+        d = env[i] - env_mean
         env_power += d * d
-        xw[i] = d * window[i]
-    stats[ENVELOPE_RMS] = math.sqrt(env_power / n)
-    _rfft(xw, fft_tables, spec)
-    for k in range(m + 1):
-        envelope_spectrum[k] = abs(spec[k]) * amp_scale
+        env[i] = d * envelope_window[i]
+        env_window_sum += envelope_window[i]
+    stats[ENVELOPE_RMS] = math.sqrt(env_power / p)
+    env_spec = np.empty(p // 2 + 1, dtype=np.complex128)
+    _rfft(env, envelope_tables, env_spec)
+    env_scale = 2.0 / env_window_sum
+    for k in range(p // 2 + 1):
+        envelope_spectrum[k] = abs(env_spec[k]) * env_scale
 
 
 # The largest of a few bins of envelope noise is typically 1.5-2 times the spectrum's
@@ -201,14 +224,16 @@ def _defect_kernel(envelope_spectrum, df, frequencies, n_harmonics, tolerance,
 
 @njit(cache=True, nogil=True, parallel=True)
 def _batch_kernel(frames, sample_rate, window, fft_tables, velocity_lo_hz, velocity_hi_hz,
-                  envelope_lo_hz, envelope_hi_hz, to_m_s2, stats, spectra, envelope_spectra):
+                  envelope_lo_hz, envelope_hi_hz, to_m_s2, envelope_window, envelope_tables,
+                  stats, spectra, envelope_spectra):
     """Run `_frame_kernel` on every row of `frames`, rows spread over threads.
 
     Each row writes only its own rows of the outputs, so the threads never share data.
     """
     for i in prange(frames.shape[0]):
         _frame_kernel(frames[i], sample_rate, window, fft_tables, velocity_lo_hz, velocity_hi_hz,
-                      envelope_lo_hz, envelope_hi_hz, to_m_s2, stats[i], spectra[i], envelope_spectra[i])
+                      envelope_lo_hz, envelope_hi_hz, to_m_s2, envelope_window, envelope_tables,
+                      stats[i], spectra[i], envelope_spectra[i])
 
 
 @njit(**_JIT)

@@ -44,7 +44,8 @@ class FrameFeatures:
 
     kurtosis is Pearson's (3 for Gaussian noise); velocity_rms_mm_s covers the configured
     velocity band; envelope_spectrum is the amplitude spectrum of the band-passed
-    envelope, bin k at k * sample_rate / frame_length Hz.
+    envelope, bin k at k * sample_rate / frame_length Hz like `spectrum`, but only up to
+    about the envelope band's width (the envelope is computed at baseband).
     """
 
     rms: float
@@ -109,6 +110,15 @@ class FrameAnalyzer:
         self._to_m_s2 = INPUT_UNITS[input_unit]
         self._plan = fft_plan(frame_length)
         self._window = np.hanning(frame_length + 1)[:-1].copy()  # periodic Hann
+        # The envelope is computed at baseband on the shortest power of two (>= 64) that
+        # holds twice the band's bins, so its spectrum reaches up to the band width.
+        band_bins = int(math.floor(self.envelope_band[1] / df)) - int(math.ceil(self.envelope_band[0] / df)) + 1
+        points = 64
+        while points < 2 * band_bins and points < frame_length:
+            points *= 2
+        self.envelope_points = points
+        self._envelope_plan = fft_plan(points)
+        self._envelope_window = np.hanning(points + 1)[:-1].copy()
 
     @property
     def bin_hz(self) -> float:
@@ -140,10 +150,11 @@ class FrameAnalyzer:
         n_frames, n = x.shape
         stats = np.empty((n_frames, k.N_STATS))
         spectra = np.empty((n_frames, n // 2 + 1))
-        envelopes = np.empty((n_frames, n // 2 + 1))
+        envelopes = np.empty((n_frames, self.envelope_points // 2 + 1))
         k._batch_kernel(x, self.sample_rate, self._window, self._plan.tables, self.velocity_band[0],
                         self.velocity_band[1], self.envelope_band[0], self.envelope_band[1],
-                        self._to_m_s2, stats, spectra, envelopes)
+                        self._to_m_s2, self._envelope_window, self._envelope_plan.tables,
+                        stats, spectra, envelopes)
         return BatchFeatures(
             rms=stats[:, k.RMS].copy(),
             peak=stats[:, k.PEAK].copy(),
@@ -164,11 +175,10 @@ class FrameAnalyzer:
         n = self.frame_length
         stats = np.empty(k.N_STATS)
         spectrum = np.empty(n // 2 + 1)
-        envelope = np.empty(n // 2 + 1)
-        plan = self._plan
-        k._frame_kernel(x, self.sample_rate, self._window, plan.tables, self.velocity_band[0], self.velocity_band[1],
-                        self.envelope_band[0], self.envelope_band[1], self._to_m_s2,
-                        stats, spectrum, envelope)
+        envelope = np.empty(self.envelope_points // 2 + 1)
+        k._frame_kernel(x, self.sample_rate, self._window, self._plan.tables, self.velocity_band[0],
+                        self.velocity_band[1], self.envelope_band[0], self.envelope_band[1], self._to_m_s2,
+                        self._envelope_window, self._envelope_plan.tables, stats, spectrum, envelope)
         return FrameFeatures(
             rms=float(stats[k.RMS]),
             peak=float(stats[k.PEAK]),
