@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,3 +235,22 @@ def test_severity_zone_rigid(v, zone):
 def test_severity_zone_rejects_nan():
     with pytest.raises(ValueError, match="invalid"):
         severity_zone(float("nan"), (1.4, 2.8, 4.5))
+
+
+CWRU = Path(__file__).resolve().parents[2] / "shared" / "data" / "cwru"
+
+
+@pytest.mark.skipif(not (CWRU / "105.mat").exists(), reason="CWRU recordings not found")
+def test_frame_matches_reference_on_recording():
+    from scipy.io import loadmat
+
+    x = loadmat(str(CWRU / "105.mat"))["X105_DE_time"].ravel()[10000:14096]
+    analyzer = FrameAnalyzer(12000.0, 4096, envelope_band=(2000.0, 5000.0))
+    f = analyzer.analyse(x)
+    expected = ref.time_stats(x)
+    for name in ("rms", "peak", "crest_factor", "kurtosis", "skewness"):
+        assert math.isclose(getattr(f, name), expected[name], rel_tol=RTOL), name
+    assert math.isclose(f.velocity_rms_mm_s, ref.velocity_rms_mm_s(x, 12000.0, (10.0, 1000.0)), rel_tol=RTOL)
+    assert _rel(f.spectrum, ref.amplitude_spectrum(x)) < RTOL
+    expected_env = ref.baseband_envelope_spectrum(x, 12000.0, (2000.0, 5000.0), analyzer.envelope_points)
+    assert _rel(f.envelope_spectrum, expected_env) < RTOL
