@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .frame_stream import PtyVibrationSensor
+from .frame_stream import DEFAULT_HEADROOM, PtyVibrationSensor
+from .scenario import Offsets, Scenario, ScenarioRunner, list_scenarios, load_scenario
 from .vibration import FAULTS, Recording, SyntheticBearing
 
 log = logging.getLogger("firmware_sim")
@@ -41,7 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed of every simulated signal")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until SIGTERM)")
     p.add_argument("--manifest", default=None, help="write the endpoints as JSON to this file once all devices listen")
+    p.add_argument("--scenario", default=None,
+                   help="run a scenario: a built-in name (see --list-scenarios) or a TOML file; "
+                        "its seed replaces --seed and --speed compresses its timeline")
+    p.add_argument("--list-scenarios", action="store_true", help="print the built-in scenarios and exit")
     return p
+
+
+def _peak_with_scenario(source: Any, scenario: Scenario | None) -> float:
+    """Return the source's expected peak in g at the scenario's end, so growth does not clip."""
+    peak = float(source.peak_g)
+    if scenario is None or not hasattr(source, "offsets"):
+        return peak
+    growth = Offsets(("defect_g", "noise_g"))
+    for step in scenario.steps:
+        if step.device == "vibration" and step.action in ("ramp", "set"):
+            growth.apply(step)
+    extra = max(growth.at("defect_g", t) for t in (0.0, scenario.duration_s))
+    noise = max(growth.at("noise_g", t) for t in (0.0, scenario.duration_s))
+    return peak + max(0.0, extra) + 5.0 * max(0.0, noise)
 
 
 def _make_source(args: argparse.Namespace) -> tuple[Any, float, str]:
@@ -65,6 +84,11 @@ async def _run(args: argparse.Namespace) -> int:
     from .modbus_devices import start_modbus_device
 
     devices: list[dict[str, Any]] = []
+    targets: dict[str, Any] = {}
+    runner: ScenarioRunner | None = None
+    scenario = load_scenario(args.scenario) if args.scenario else None
+    seed = scenario.seed if scenario else args.seed
+    args.seed = seed
     sensor: PtyVibrationSensor | None = None
     modbus: list[Any] = []
     stop = asyncio.Event()
@@ -75,13 +99,11 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         if args.vibration != "none":
             source, rpm, description = _make_source(args)
-            sensor = PtyVibrationSensor(source, samples_per_frame=args.samples_per_frame, speed=args.speed)
-            if args.link:
-                link = Path(args.link)
-                if link.is_symlink() or link.exists():
-                    link.unlink()
-                link.symlink_to(sensor.path)
+            full_scale = DEFAULT_HEADROOM * _peak_with_scenario(source, scenario)
+            sensor = PtyVibrationSensor(source, samples_per_frame=args.samples_per_frame, speed=args.speed,
+                                        full_scale_g=full_scale, link=args.link, seed=seed)
             sensor.start()
+            targets["vibration"] = sensor
             devices.append({"name": "vibration", "kind": "vibration", "path": sensor.path, "link": args.link,
                             "sample_rate": sensor.sample_rate, "shaft_rpm": rpm, "scale_g": sensor.scale,
                             "description": description})
@@ -89,6 +111,7 @@ async def _run(args: argparse.Namespace) -> int:
             if enabled:
                 device = await start_modbus_device(kind, host=args.host, port=port, seed=args.seed, speed=args.speed)
                 modbus.append(device)
+                targets[kind] = device
                 devices.append({"name": kind, "kind": kind, "host": device.host, "port": device.port,
                                 "unit_id": device.unit_id})
         if not devices:
@@ -102,8 +125,14 @@ async def _run(args: argparse.Namespace) -> int:
                       f"{d['description']}", flush=True)
             else:
                 print(f"{d['name']:<10} modbus tcp {d['host']}:{d['port']}  unit {d['unit_id']}", flush=True)
+        if scenario is not None:
+            runner = ScenarioRunner(scenario, targets, speed=args.speed)
+            runner.start()
+            print(f"scenario {scenario.name}: {len(scenario.steps)} steps over {scenario.duration_s / 3600:g} h "
+                  f"simulated, {scenario.duration_s / args.speed:g} s real at speed {args.speed:g}", flush=True)
         if args.manifest:
-            _write_manifest(Path(args.manifest), {"devices": devices, "speed": args.speed, "pid": os.getpid()})
+            _write_manifest(Path(args.manifest), {"devices": devices, "speed": args.speed, "pid": os.getpid(),
+                                                  "scenario": scenario.name if scenario else None})
 
         try:
             await asyncio.wait_for(stop.wait(), timeout=args.duration)
@@ -111,19 +140,28 @@ async def _run(args: argparse.Namespace) -> int:
             pass
         return 0
     finally:
+        if runner is not None:
+            runner.stop()
+            for error in runner.errors:
+                log.error("scenario step failed: %s", error)
         if sensor is not None:
             sensor.stop()
             log.info("vibration stream stopped: %d frames sent, %d dropped", sensor.frames_sent, sensor.frames_dropped)
         for device in modbus:
             await device.stop()
-        if args.link:
-            Path(args.link).unlink(missing_ok=True)
+        if args.link and Path(args.link).is_symlink():
+            Path(args.link).unlink()
         if args.manifest:
             Path(args.manifest).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.list_scenarios:
+        for name in list_scenarios():
+            scenario = load_scenario(name)
+            print(f"{name:<24} {scenario.description.splitlines()[0] if scenario.description else ''}")
+        return 0
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.speed > 0:

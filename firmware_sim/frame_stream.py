@@ -21,6 +21,8 @@ from typing import Protocol
 
 import numpy as np
 
+from .scenario import Step
+
 logger = logging.getLogger(__name__)
 
 SYNC_BYTES = bytes((0xA5, 0x5A))
@@ -33,6 +35,7 @@ FLAG_CLIPPED = 1 << 0
 INT16_FULL_SCALE = 32767
 # Full scale is this many times the source's expected peak, so rare peaks do not clip.
 DEFAULT_HEADROOM = 1.5
+FAULT_KINDS = ("corrupt", "garbage", "drop", "port_removed")
 
 
 class SampleSource(Protocol):
@@ -133,6 +136,7 @@ class PtyVibrationSensor:
         first_sequence: int = 0,
         max_frames: int | None = None,
         tx_queue_bytes: int = 65536,
+        link: str | None = None,
         seed: int | None = None,
     ) -> None:
         if not 1 <= samples_per_frame <= 4096:
@@ -167,6 +171,14 @@ class PtyVibrationSensor:
         self.garbage_every = garbage_every
         self.max_frames = max_frames
         self.tx_queue_bytes = tx_queue_bytes
+        self.link = link
+        # Scenario faults: kind -> (first, last) frame index during which it is active.
+        self._faults: dict[str, tuple[int, int]] = {}
+        self._fault_lock = threading.Lock()
+        self._frame_index = 0
+        self.frames_withheld = 0
+        self.port_removals = 0
+        self._resume_index = 0
         self._sequence = first_sequence % 2**32
         self._rng = np.random.default_rng(seed)
 
@@ -178,21 +190,74 @@ class PtyVibrationSensor:
         self.write_errors = 0
         self.error: BaseException | None = None
 
-        self._master, self._slave = os.openpty()
-        try:
-            tty.setraw(self._slave, termios.TCSANOW)
-            os.set_blocking(self._master, False)
-            self.path = os.ttyname(self._slave)
-        except OSError:
-            os.close(self._master)
-            os.close(self._slave)
-            raise
+        self._master = self._slave = -1
+        self.path = ""
+        self._open_pty()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Frames waiting for the pty: the head (possibly partly written) and whole frames.
         self._pending = memoryview(b"")
         self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
+
+    def _open_pty(self) -> None:
+        """Open a new pty pair and point `link` (if set) at its slave, as udev does for a
+        stable /dev/serial/by-id name when a USB adapter is plugged in."""
+        master, slave = os.openpty()
+        try:
+            tty.setraw(slave, termios.TCSANOW)
+            os.set_blocking(master, False)
+            path = os.ttyname(slave)
+        except OSError:
+            os.close(master)
+            os.close(slave)
+            raise
+        self._master, self._slave, self.path = master, slave, path
+        if self.link:
+            temporary = f"{self.link}.{os.getpid()}.tmp"
+            if os.path.lexists(temporary):
+                os.unlink(temporary)
+            os.symlink(path, temporary)
+            os.replace(temporary, self.link)
+
+    def _close_pty(self) -> None:
+        for fd in (self._master, self._slave):
+            if fd >= 0:
+                os.close(fd)
+        self._master = self._slave = -1
+        self._pending = memoryview(b"")
+        self._queue.clear()
+        self._queued_bytes = 0
+
+    def apply_step(self, step: Step) -> None:
+        """Apply a scenario step: ramps and sets go to the signal source, faults to the line.
+
+        Faults (`kind`, for `duration_s` simulated seconds): "corrupt" flips a byte in every
+        frame, "garbage" writes random bytes before every frame, "drop" withholds frames
+        (the receiver sees a sequence gap), "port_removed" closes the pty, as when a USB
+        adapter is unplugged, and opens a new one afterwards (the `link` follows it).
+        """
+        if step.action in ("ramp", "set"):
+            apply = getattr(self.source, "apply_step", None)
+            if apply is None:
+                raise ValueError(f"the {type(self.source).__name__} source has no quantities to change")
+            apply(step)
+            return
+        if step.action != "fault":
+            raise ValueError(f"the vibration sensor takes ramp, set and fault steps, not {step.action!r}")
+        kind = step.param("kind", str)
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"the vibration sensor has no fault {kind!r}; it has {', '.join(FAULT_KINDS)}")
+        duration = float(step.param("duration_s"))
+        frames = max(1, int(round(duration * self.sample_rate / self.samples_per_frame)))
+        with self._fault_lock:
+            first = self._frame_index
+            self._faults[kind] = (first, first + frames - 1)
+
+    def _active(self, kind: str, index: int) -> bool:
+        with self._fault_lock:
+            span = self._faults.get(kind)
+        return span is not None and span[0] <= index <= span[1]
 
     @property
     def frame_period_s(self) -> float:
@@ -230,10 +295,7 @@ class PtyVibrationSensor:
             if self._thread.is_alive():
                 logger.warning("sensor thread on %s did not stop within %.1f s", self.path, timeout_s)
                 return
-        for fd in (self._master, self._slave):
-            if fd >= 0:
-                os.close(fd)
-        self._master = self._slave = -1
+        self._close_pty()
         logger.info(
             "stopped %s: %d frames sent, %d dropped", self.path, self.frames_sent, self.frames_dropped
         )
@@ -261,9 +323,19 @@ class PtyVibrationSensor:
                 return
             # Frame `index` covers samples up to the end of its window, so it is due then.
             due = t0 + (index + 1) * period
+            if self._active("port_removed", index):
+                if not self._remove_port(index, t0, period):
+                    return
+                index = self._resume_index
+                continue
             if not self._wait_until(due):
                 return
-            self._enqueue(self._next_frame(index))
+            self._frame_index = index
+            frame = self._next_frame(index)
+            if self._active("drop", index):
+                self.frames_withheld += 1
+            else:
+                self._enqueue(frame)
             index += 1
             self._flush()
 
@@ -272,6 +344,31 @@ class PtyVibrationSensor:
                 # The thread was starved; restart the schedule instead of bursting frames.
                 logger.warning("sensor on %s fell %.1f s behind; resetting its clock", self.path, lag)
                 t0 = time.monotonic() - index * period
+
+    def _remove_port(self, index: int, t0: float, period: float) -> bool:
+        """Close the pty for the fault's span of frames, then open a new one.
+
+        The signal source keeps running (its samples for the span are generated and
+        lost), so the sequence numbers after the gap show how much was missed.
+        """
+        with self._fault_lock:
+            first, last = self._faults["port_removed"]
+        self.port_removals += 1
+        old = self.path
+        self._close_pty()
+        logger.info("port %s removed for %d frames", old, last - index + 1)
+        for _ in range(index, last + 1):
+            self.source.read(self.samples_per_frame)
+            self._sequence = (self._sequence + 1) % 2**32
+        if self._stop.wait(max(0.0, t0 + (last + 1) * period - time.monotonic())):
+            return False
+        self._open_pty()
+        logger.info("port restored as %s%s", self.path, f" (link {self.link})" if self.link else "")
+        with self._fault_lock:
+            self._faults.pop("port_removed", None)
+        # The caller continues with frame last + 1.
+        self._resume_index = last + 1
+        return True
 
     def _wait_until(self, due: float) -> bool:
         """Sleep until `due`, writing queued frames meanwhile; return False on stop."""
@@ -348,13 +445,14 @@ class PtyVibrationSensor:
         )
         self._sequence = (self._sequence + 1) % 2**32
         number = index + 1
-        if self.corrupt_every and number % self.corrupt_every == 0:
+        corrupt = self.corrupt_every and number % self.corrupt_every == 0
+        if corrupt or self._active("corrupt", index):
             damaged = bytearray(frame)
             position = HEADER_LENGTH + int(self._rng.integers(0, len(frame) - HEADER_LENGTH - 4))
             damaged[position] ^= 0xFF
             frame = bytes(damaged)
             self.frames_corrupted += 1
-        if self.garbage_every and number % self.garbage_every == 0:
+        if self.garbage_every and number % self.garbage_every == 0 or self._active("garbage", index):
             garbage = self._rng.bytes(int(self._rng.integers(1, 65)))
             self.garbage_bytes += len(garbage)
             frame = garbage + frame

@@ -161,6 +161,13 @@ class ScenarioRunner:
         self._thread = threading.Thread(target=self._run, name=f"scenario {self.scenario.name}", daemon=True)
         self._thread.start()
 
+    def join(self, timeout_s: float) -> bool:
+        """Wait until every step has fired; return True if they all have."""
+        if self._thread is None:
+            return False
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
     def stop(self, timeout_s: float = 2.0) -> None:
         self._stop.set()
         if self._thread is not None:

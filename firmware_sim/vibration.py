@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .scenario import Offsets, Step
+
 logger = logging.getLogger(__name__)
 
 # Defect frequencies of the SKF 6205 deep-groove ball bearing as multiples of shaft speed
@@ -123,6 +125,9 @@ class SyntheticBearing:
         self._ring_length = int(math.ceil(math.log(1e4) / self._decay_per_s * sample_rate)) + 1
         self._ring_t = np.arange(self._ring_length) / sample_rate
 
+        # Scenario ramps and steps, on the signal's own time (samples / sample_rate).
+        self.offsets = Offsets(("defect_g", "noise_g"))
+
         self._position = 0  # samples produced so far
         self._carry = np.zeros(self._ring_length)
         # Mean impact spacing in samples. The first impact falls at a random point of the
@@ -164,11 +169,18 @@ class SyntheticBearing:
         """Generate the next `n` samples, shape (n, 1), in g."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"invalid sample count {n!r}: use a positive integer")
-        signal = self._noise_rng.normal(0.0, self.noise_g, n) if self.noise_g else np.zeros(n)
+        noise_g = max(0.0, self.noise_g + self.offsets.at("noise_g", self._position / self.sample_rate))
+        signal = self._noise_rng.normal(0.0, noise_g, n) if noise_g else np.zeros(n)
         signal += self._harmonics(n)
         signal += self._impacts(n)
         self._position += n
         return signal.reshape(n, 1)
+
+    def apply_step(self, step: Step) -> None:
+        """Apply a scenario `ramp` or `set` of `defect_g` (defect growth) or `noise_g`."""
+        if step.action not in ("ramp", "set"):
+            raise ValueError(f"the bearing signal takes ramp and set steps, not {step.action!r}")
+        self.offsets.apply(step)
 
     def _harmonics(self, n: int) -> np.ndarray:
         t = (self._position + np.arange(n)) / self.sample_rate
@@ -193,7 +205,8 @@ class SyntheticBearing:
                 t = self._ring_t + (first - impact_at) / self.sample_rate
                 wave = np.exp(-self._decay_per_s * t) * np.sin(self._omega_d * t)
                 modulation = self._modulation(impact_at / self.sample_rate)
-                gain = self.defect_g * self._ring_gain * modulation
+                defect_g = max(0.0, self.defect_g + self.offsets.at("defect_g", impact_at / self.sample_rate))
+                gain = defect_g * self._ring_gain * modulation
                 index = first - self._position
                 out[index : index + self._ring_length] += gain * wave
                 spacing = self._interval * (1.0 + self.jitter * self._jitter_rng.standard_normal())
