@@ -80,6 +80,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, agent.stop)
+        reloads: set[asyncio.Task] = set()
+
+        def reload() -> None:
+            task = loop.create_task(agent.reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
         await agent.run(duration_s=args.duration)
 
     asyncio.run(main())
@@ -151,6 +159,38 @@ def _cmd_validate_cwru(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .fieldview import ApiError, fetch, print_status
+
+    try:
+        if args.json:
+            print(json.dumps(fetch(args.url, "/v1/status"), indent=2, sort_keys=True))
+        else:
+            print_status(args.url)
+    except ApiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    from .fieldview import tail
+
+    tail(args.url, interval_s=args.interval, count=args.count)
+    return 0
+
+
+def _cmd_spectrum(args: argparse.Namespace) -> int:
+    from .fieldview import ApiError, print_spectrum
+
+    try:
+        print_spectrum(args.url, args.source, png=args.png)
+    except ApiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -195,6 +235,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summaries", action="store_true", help="print every stored summary as JSON instead of the table")
     p.add_argument("--source", default=None, help="with --summaries: only this source")
     p.set_defaults(func=_cmd_collect_list)
+
+    url_help = "the agent's diagnostics API (default http://127.0.0.1:8780, the [api] default)"
+    p = sub.add_parser("status", help="print sources, alarms, buffer and uplink state of the running agent")
+    p.add_argument("--url", default="http://127.0.0.1:8780", help=url_help)
+    p.add_argument("--json", action="store_true", help="print the raw status document")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("tail", help="live view of the running agent, refreshed until Ctrl-C")
+    p.add_argument("--url", default="http://127.0.0.1:8780", help=url_help)
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    p.add_argument("--count", type=int, default=None, help="stop after this many refreshes")
+    p.set_defaults(func=_cmd_tail)
+
+    p = sub.add_parser("spectrum", help="draw the latest spectrum and envelope spectrum of a vibration source")
+    p.add_argument("source", help="vibration source id from the config")
+    p.add_argument("--url", default="http://127.0.0.1:8780", help=url_help)
+    p.add_argument("--png", default=None, help="also save a plot to this PNG file (needs matplotlib)")
+    p.set_defaults(func=_cmd_spectrum)
 
     p = sub.add_parser("validate-cwru", help="diagnose every CWRU .mat recording in a folder (needs scipy)")
     p.add_argument("folder")

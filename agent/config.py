@@ -51,6 +51,13 @@ class UplinkConfig:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    enabled: bool
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     path: str
     gateway_id: str
@@ -59,6 +66,7 @@ class AgentConfig:
     buffer_synchronous: str
     uplink: UplinkConfig
     dsp_cache_dir: Path | None
+    api: ApiConfig
     vibration: list[VibrationConfig] = field(default_factory=list)
     modbus: list[ModbusDeviceConfig] = field(default_factory=list)
 
@@ -95,6 +103,16 @@ def parse_config(data: dict[str, Any], file: str, base_dir: Path) -> AgentConfig
     dsp = root.sub("dsp")
     cache_dir = dsp.string("cache_dir", None) if dsp.raw("cache_dir", None) is not None else None
     dsp.finish()
+    api_section = root.sub("api")
+    api = ApiConfig(
+        enabled=api_section.boolean("enabled", True),
+        host=api_section.string("host", "127.0.0.1"),
+        port=api_section.integer("port", 8780, lo=0, hi=65535),
+    )
+    api_section.finish()
+    if api.enabled and api.host not in ("127.0.0.1", "::1", "localhost"):
+        raise ConfigError(file, "api.host", api.host,
+                          "a loopback address (127.0.0.1 or ::1): the diagnostics API has no authentication")
     vibration = [_parse_vibration(s) for s in root.table_list("vibration")]
     modbus = [parse_modbus_device(s) for s in root.table_list("modbus")]
     root.finish()
@@ -104,7 +122,7 @@ def parse_config(data: dict[str, Any], file: str, base_dir: Path) -> AgentConfig
         if ids.count(source_id) > 1:
             raise ConfigError(file, "id", source_id, "a source id used by only one [[vibration]] or [[modbus]] entry")
     return AgentConfig(file, gateway_id, period, buffer_path, synchronous, uplink,
-                       base_dir / cache_dir if cache_dir else None, vibration, modbus)
+                       base_dir / cache_dir if cache_dir else None, api, vibration, modbus)
 
 
 def _parse_uplink(s: Section) -> UplinkConfig:

@@ -1,56 +1,109 @@
 """The agent service: wires drivers, analysis, the summary buffer and the uplink.
 
-Phases: setup (open the buffer, compile the DSP kernels, start drivers), run (analyse,
-poll, emit one summary per source per period, upload), stop (stop drivers, emit the
-last partial window, drain the uplink within its deadline, close the buffer).
+The agent runs in three phases:
+
+- setup: open the buffer, compile the DSP kernels, start the local API;
+- run: sources under supervision, one summary per source per period, upload, watchdog;
+- stop: stop drivers, write the last partial window, drain the uplink within its
+  deadline, close the buffer.
+
+A reload (SIGHUP) swaps the sources and keeps the buffer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from .config import AgentConfig, VibrationConfig
+from . import __version__
+from .config import AgentConfig, load_config
+from .config_errors import ConfigError
 from .drivers.base import Frame
 from .drivers.modbus import ModbusTcpDriver
 from .drivers.vibration_serial import SerialFrameReader
 from .dsp import warmup as dsp_warmup
 from .logutil import RateLimitedLog
 from .sources import PointsSource, VibrationSource
+from .systemd import Notifier
 from .uplink.buffer import SummaryBuffer
 from .uplink.push import Uploader
-from .uplink.schema import SCHEMA_VERSION
+from .uplink.schema import SCHEMA_VERSION, SchemaError
 
 log = logging.getLogger(__name__)
 
 SummaryCallback = Callable[[dict[str, Any]], None]
 
+# Restart delays of a failed source task: doubling from the first to the last, with
+# +-20 % jitter so that devices that failed together do not retry together.
+RESTART_BACKOFF_S = (1.0, 60.0)
+
+# Test hook: when set, the event loop blocks for this many seconds once, shortly after
+# start, so tests can show that a stuck loop stops feeding the systemd watchdog.
+STALL_ENV = "EDGE_AGENT_TEST_STALL_S"
+
+
+@dataclass
+class SourceState:
+    """Supervision and diagnostics record of one source."""
+
+    id: str
+    kind: str
+    source: Any
+    driver: Any
+    tasks: list[asyncio.Task] = field(default_factory=list)
+    restarts: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+    last_summary: dict[str, Any] | None = None
+
 
 class Agent:
     """One running agent built from a validated configuration."""
 
-    def __init__(self, config: AgentConfig, on_summary: SummaryCallback | None = None) -> None:
+    def __init__(self, config: AgentConfig, on_summary: SummaryCallback | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.config = config
         self.on_summary = on_summary
+        self.notifier = notifier or Notifier()
         self.stop_event = asyncio.Event()
         self.buffer: SummaryBuffer | None = None
         self.uploader: Uploader | None = None
-        self.vibration: list[tuple[VibrationSource, SerialFrameReader]] = []
-        self.points: list[tuple[PointsSource, ModbusTcpDriver]] = []
+        self.sources: dict[str, SourceState] = {}
+        self._sources_stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._window_start_wall = time.time()
+        self._uplink_task: asyncio.Task | None = None
         self._window_start_mono = time.monotonic()
         self._last_driver_counters: dict[str, dict[str, int]] = {}
+        self._errors = RateLimitedLog(log)
+        self._reload_lock = asyncio.Lock()
+        self.started_mono = time.monotonic()
+        self.started_wall = time.time()
         self.summaries_written = 0
+        self.summaries_rejected = 0
+        self.reloads = 0
+        self.reload_failures = 0
+        self.watchdog_pings = 0
+        self.api: Any = None
+
+    # -- lifecycle ---------------------------------------------------------------------
 
     async def run(self, duration_s: float | None = None) -> None:
         """Run until `stop()` is called or `duration_s` has passed, then stop cleanly."""
         await self._setup()
         try:
-            self._start_tasks()
+            self._start_sources()
+            self._start_service_tasks()
+            self.notifier.ready(self._status_line())
+            log.info("agent %s %s ready: %s", self.config.gateway_id, __version__, self._status_line())
+            stall = os.environ.get(STALL_ENV)
+            if stall:
+                self._tasks.append(asyncio.create_task(self._stall(float(stall)), name="test-stall"))
             if duration_s is None:
                 await self.stop_event.wait()
             else:
@@ -64,33 +117,162 @@ class Agent:
     def stop(self) -> None:
         self.stop_event.set()
 
-    # -- setup -----------------------------------------------------------------------
+    async def reload(self, path: str | None = None) -> bool:
+        """Load the configuration again and swap the sources; keep the old one if invalid.
+
+        Buffered summaries stay, the current window of every source is written out as a
+        partial summary first, and the uplink is rebuilt only if its settings changed.
+        """
+        async with self._reload_lock:
+            path = path or self.config.path
+            self.notifier.reloading()
+            try:
+                new = await asyncio.to_thread(load_config, path)
+                if new.buffer_path != self.config.buffer_path:
+                    raise ConfigError(path, "buffer.path", str(new.buffer_path),
+                                      f"the running buffer {self.config.buffer_path} (moving it needs a restart)")
+            except ConfigError as exc:
+                self.reload_failures += 1
+                log.error("reload rejected, keeping the running configuration: %s", exc)
+                self.notifier.send("READY=1", f"STATUS=reload rejected: {exc}")
+                return False
+            await self._stop_sources()
+            self.emit_summaries(partial=True)
+            old_uplink = self.config.uplink
+            self.config = new
+            if new.uplink != old_uplink:
+                await self._restart_uplink()
+            self._start_sources()
+            self.reloads += 1
+            log.info("configuration reloaded from %s: %s", path, self._status_line())
+            self.notifier.send("READY=1", f"STATUS={self._status_line()}")
+            return True
+
+    # -- setup -------------------------------------------------------------------------
 
     async def _setup(self) -> None:
         cfg = self.config
+        self.notifier.status("starting: opening buffer")
         cfg.buffer_path.parent.mkdir(parents=True, exist_ok=True)
         self.buffer = SummaryBuffer(cfg.buffer_path, synchronous=cfg.buffer_synchronous)
         log.info("buffer %s open with %d undelivered summaries", cfg.buffer_path, self.buffer.depth())
-        if cfg.uplink.url:
-            u = cfg.uplink
-            self.uploader = Uploader(self.buffer, u.url, gateway=cfg.gateway_id, batch_size=u.batch_size,
-                                     timeout_s=u.timeout_s, backoff_initial_s=u.backoff_initial_s,
-                                     backoff_max_s=u.backoff_max_s)
-        else:
-            log.warning("no uplink url configured; summaries stay in the buffer")
+        self._make_uploader()
 
+        self.notifier.status("starting: loading analysis kernels")
         started = time.perf_counter()
         await asyncio.to_thread(dsp_warmup)
         log.info("analysis kernels ready in %.2f s", time.perf_counter() - started)
 
+        if cfg.api.enabled:
+            from .api import DiagnosticsApi
+
+            self.api = DiagnosticsApi(self, cfg.api.host, cfg.api.port)
+            await self.api.start()
+
+    def _make_uploader(self) -> None:
+        u = self.config.uplink
+        assert self.buffer is not None
+        if u.url:
+            self.uploader = Uploader(self.buffer, u.url, gateway=self.config.gateway_id, batch_size=u.batch_size,
+                                     timeout_s=u.timeout_s, backoff_initial_s=u.backoff_initial_s,
+                                     backoff_max_s=u.backoff_max_s)
+        else:
+            self.uploader = None
+            log.warning("no uplink url configured; summaries stay in the buffer")
+
+    async def _restart_uplink(self) -> None:
+        if self._uplink_task is not None:
+            self._uplink_task.cancel()
+            await asyncio.gather(self._uplink_task, return_exceptions=True)
+            self._uplink_task = None
+        if self.uploader is not None:
+            await self.uploader.aclose()
+        self._make_uploader()
+        if self.uploader is not None:
+            self._uplink_task = asyncio.create_task(self.uploader.run(self.stop_event), name="uplink")
+
+    def _start_service_tasks(self) -> None:
+        self._window_start_mono = time.monotonic()
+        self._tasks.append(asyncio.create_task(self._summary_loop(), name="summaries"))
+        if self.uploader is not None:
+            self._uplink_task = asyncio.create_task(self.uploader.run(self.stop_event), name="uplink")
+        if self.notifier.watchdog_interval_s:
+            self._tasks.append(asyncio.create_task(self._watchdog_loop(), name="watchdog"))
+
+    # -- sources -----------------------------------------------------------------------
+
+    def _start_sources(self) -> None:
         loop = asyncio.get_running_loop()
-        for vcfg in cfg.vibration:
+        self._sources_stop = asyncio.Event()
+        self.sources = {}
+        for vcfg in self.config.vibration:
             source = VibrationSource(vcfg)
-            reader = SerialFrameReader(vcfg.id, vcfg.port, baudrate=vcfg.baudrate,
-                                       on_frame=self._frame_callback(loop, source))
-            self.vibration.append((source, reader))
-        for mcfg in cfg.modbus:
-            self.points.append((PointsSource(mcfg.id), ModbusTcpDriver(mcfg)))
+            reader = SerialFrameReader(vcfg.id, vcfg.port, self._frame_callback(loop, source),
+                                       baudrate=vcfg.baudrate)
+            state = SourceState(vcfg.id, "vibration", source, reader)
+            self.sources[vcfg.id] = state
+            reader.start()
+            state.tasks.append(self._supervise(state, "analyse", lambda s=source: s.run_analysis(self._sources_stop)))
+        for mcfg in self.config.modbus:
+            driver = ModbusTcpDriver(mcfg)
+            state = SourceState(mcfg.id, "points", PointsSource(mcfg.id), driver)
+            self.sources[mcfg.id] = state
+            state.tasks.append(self._supervise(state, "poll", lambda st=state: self._poll_loop(st)))
+        log.info("started %d sources: %s", len(self.sources), ", ".join(self.sources) or "none")
+
+    async def _stop_sources(self) -> None:
+        self._sources_stop.set()
+        for state in self.sources.values():
+            if isinstance(state.driver, SerialFrameReader):
+                await asyncio.to_thread(state.driver.stop)
+        for state in self.sources.values():
+            if isinstance(state.source, VibrationSource):
+                await state.source.analyse_pending()
+        tasks = [t for state in self.sources.values() for t in state.tasks]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for state in self.sources.values():
+            close = getattr(state.driver, "close", None)
+            if close is not None and asyncio.iscoroutinefunction(close):
+                try:
+                    await asyncio.wait_for(close(), timeout=2.0)
+                except Exception as exc:  # noqa: BLE001 - closing must go on for the others
+                    log.warning("%s: closing the driver failed: %s", state.id, exc)
+
+    def _supervise(self, state: SourceState, what: str, factory: Callable[[], Awaitable[None]]) -> asyncio.Task:
+        """Run `factory()` and restart it with backoff whenever it fails, until stopped."""
+
+        async def supervise() -> None:
+            delay = RESTART_BACKOFF_S[0]
+            while not self._sources_stop.is_set():
+                started = time.monotonic()
+                try:
+                    await factory()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one source's failure must not stop the agent
+                    state.restarts += 1
+                    state.last_error = f"{type(exc).__name__}: {exc}"
+                    state.last_error_at = time.time()
+                    self._errors.log(logging.ERROR, f"{state.id}:{what}",
+                                     "%s: %s task failed (%s); restarting in %.1f s",
+                                     state.id, what, state.last_error, delay)
+                else:
+                    if self._sources_stop.is_set():
+                        return
+                    state.restarts += 1
+                    log.warning("%s: %s task ended by itself; restarting in %.1f s", state.id, what, delay)
+                if time.monotonic() - started > 10 * RESTART_BACKOFF_S[1]:
+                    delay = RESTART_BACKOFF_S[0]  # it had run well for a long time
+                try:
+                    await asyncio.wait_for(self._sources_stop.wait(), timeout=delay * random.uniform(0.8, 1.2))
+                    return
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, RESTART_BACKOFF_S[1])
+
+        return asyncio.create_task(supervise(), name=f"{what}:{state.id}")
 
     @staticmethod
     def _frame_callback(loop: asyncio.AbstractEventLoop, source: VibrationSource) -> Callable[[Frame], None]:
@@ -102,48 +284,30 @@ class Agent:
                 pass  # the loop closed during shutdown; the frame is outside every window
         return on_frame
 
-    def _start_tasks(self) -> None:
-        self._window_start_wall = time.time()
-        self._window_start_mono = time.monotonic()
-        for source, reader in self.vibration:
-            reader.start()
-            self._tasks.append(asyncio.create_task(source.run_analysis(self.stop_event), name=f"analyse:{source.id}"))
-        for source, driver in self.points:
-            self._tasks.append(asyncio.create_task(self._poll_loop(source, driver), name=f"poll:{source.id}"))
-        self._tasks.append(asyncio.create_task(self._summary_loop(), name="summaries"))
-        if self.uploader is not None:
-            self._tasks.append(asyncio.create_task(self.uploader.run(self.stop_event), name="uplink"))
-        log.info("agent %s running: %d vibration and %d modbus sources, summary every %g s",
-                 self.config.gateway_id, len(self.vibration), len(self.points), self.config.summary_period_s)
-
-    # -- run -------------------------------------------------------------------------
-
-    async def _poll_loop(self, source: PointsSource, driver: ModbusTcpDriver) -> None:
-        errors = RateLimitedLog(log)
+    async def _poll_loop(self, state: SourceState) -> None:
+        source: PointsSource = state.source
+        driver = state.driver
         interval = driver.config.poll_interval_s
         # open() returns False while the device is down; later polls keep reconnecting.
         if not await driver.open():
-            log.warning("%s: device not reachable at start; retrying with backoff", source.id)
+            log.warning("%s: device not reachable at start; retrying with backoff", state.id)
         next_poll = time.monotonic()
-        while not self.stop_event.is_set():
-            try:
-                readings = await driver.poll()
-            except Exception as exc:  # noqa: BLE001 - one device's failure must not stop the agent
+        while not self._sources_stop.is_set():
+            readings = await driver.poll()
+            source.add_readings(readings)
+            if any(r.quality != "good" for r in readings) or getattr(driver, "last_errors", None):
                 source.add_error()
-                errors.log(logging.WARNING, "poll", "%s: poll failed: %s", source.id, exc)
-            else:
-                source.add_readings(readings)
-                if any(r.quality != "good" for r in readings):
-                    source.add_error()
             next_poll += interval
             delay = next_poll - time.monotonic()
             if delay < 0:
                 next_poll = time.monotonic()
                 delay = 0
             try:
-                await asyncio.wait_for(self.stop_event.wait(), timeout=delay)
+                await asyncio.wait_for(self._sources_stop.wait(), timeout=delay)
             except TimeoutError:
                 pass
+
+    # -- summaries ---------------------------------------------------------------------
 
     async def _summary_loop(self) -> None:
         period = self.config.summary_period_s
@@ -156,7 +320,8 @@ class Agent:
             except TimeoutError:
                 pass
             self.emit_summaries(partial=False)
-            next_emit += period
+            period = self.config.summary_period_s  # a reload may change it
+            next_emit = max(next_emit + period, time.monotonic())
 
     def emit_summaries(self, *, partial: bool) -> None:
         """Close the current window: write one summary per source to the buffer."""
@@ -164,18 +329,17 @@ class Agent:
         now_mono = time.monotonic()
         duration = now_mono - self._window_start_mono
         t_start = now_wall - duration
-        sources: list[tuple[Any, dict[str, int] | None]] = []
-        sources += [(s, self._counter_delta(s.id, r.counters)) for s, r in self.vibration]
-        sources += [(s, self._counter_delta(s.id, d.counters)) for s, d in self.points]
-        for source, counters in sources:
-            features, quality, alarms = source.take_summary(counters)
+        for state in self.sources.values():
+            counters = self._counter_delta(state.id, getattr(state.driver, "counters", {}))
+            features, quality, alarms = state.source.take_summary(counters)
             if partial:
                 quality["partial_window"] = True
+            quality["restarts"] = state.restarts
             summary = {
                 "v": SCHEMA_VERSION,
                 "gateway": self.config.gateway_id,
-                "source": source.id,
-                "kind": source.kind,
+                "source": state.id,
+                "kind": state.kind,
                 "t_start": t_start,
                 "t_end": now_wall,
                 "duration_s": duration,
@@ -184,8 +348,15 @@ class Agent:
                 "alarms": alarms,
             }
             assert self.buffer is not None
-            self.buffer.append(summary)
+            try:
+                self.buffer.append(summary)
+            except SchemaError as exc:
+                # A bug, not bad input: the sources only build valid summaries.
+                self.summaries_rejected += 1
+                log.error("%s: summary rejected by the schema and not stored: %s", state.id, exc)
+                continue
             self.summaries_written += 1
+            state.last_summary = summary
             if self.on_summary is not None:
                 self.on_summary(summary)
         if self.uploader is not None:
@@ -197,27 +368,53 @@ class Agent:
         current = {k: v for k, v in dict(counters).items() if isinstance(v, int) and not isinstance(v, bool)}
         previous = self._last_driver_counters.get(key, {})
         self._last_driver_counters[key] = current
-        return {k: v - previous.get(k, 0) for k, v in current.items()}
+        return {k: max(0, v - previous.get(k, 0)) for k, v in current.items()}
 
-    # -- stop ------------------------------------------------------------------------
+    # -- health ------------------------------------------------------------------------
+
+    def healthy(self) -> tuple[bool, str]:
+        """Return whether the uplink task is alive (the loop is, if this runs at all)."""
+        if self.uploader is not None and (self._uplink_task is None or self._uplink_task.done()):
+            return False, "uplink task is not running"
+        return True, "ok"
+
+    async def _watchdog_loop(self) -> None:
+        interval = (self.notifier.watchdog_interval_s or 10.0) / 3.0
+        while not self.stop_event.is_set():
+            ok, reason = self.healthy()
+            if ok:
+                if self.notifier.watchdog():
+                    self.watchdog_pings += 1
+            else:
+                self._errors.log(logging.ERROR, "watchdog", "not feeding the watchdog: %s", reason)
+            try:
+                await asyncio.wait_for(self.stop_event.wait(), timeout=interval)
+            except TimeoutError:
+                pass
+
+    async def _stall(self, seconds: float) -> None:
+        await asyncio.sleep(1.0)
+        log.warning("test hook %s: blocking the event loop for %.1f s", STALL_ENV, seconds)
+        time.sleep(seconds)  # deliberately blocks the loop
+
+    def _status_line(self) -> str:
+        depth = self.buffer.depth() if self.buffer is not None else 0
+        return f"{len(self.sources)} sources, {depth} summaries buffered"
+
+    # -- stop --------------------------------------------------------------------------
 
     async def _shutdown(self) -> None:
         self.stop_event.set()
-        for _, reader in self.vibration:
-            await asyncio.to_thread(reader.stop)
-        for source, _ in self.vibration:
-            await source.analyse_pending()
+        self.notifier.stopping()
+        await self._stop_sources()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for _, driver in self.points:
-            try:
-                await asyncio.wait_for(driver.close(), timeout=2.0)
-            except Exception as exc:  # noqa: BLE001 - closing must go on for the others
-                log.warning("closing %s failed: %s", driver.config.id, exc)
 
-        if self.buffer is not None and (self.vibration or self.points):
+        if self.buffer is not None and self.sources:
             self.emit_summaries(partial=True)
+        if self._uplink_task is not None:
+            await asyncio.gather(self._uplink_task, return_exceptions=True)
         if self.uploader is not None:
             timeout = self.config.uplink.drain_timeout_s
             delivered = await self.uploader.drain(timeout)
@@ -225,7 +422,10 @@ class Agent:
                 log.warning("uplink not drained within %g s; %d summaries stay buffered for the next start",
                             timeout, self.buffer.depth() if self.buffer else -1)
             await self.uploader.aclose()
+        if self.api is not None:
+            await self.api.stop()
         if self.buffer is not None:
             log.info("stopping with %d undelivered summaries in the buffer", self.buffer.depth())
             self.buffer.close()
+        self.notifier.close()
         log.info("agent stopped after writing %d summaries", self.summaries_written)

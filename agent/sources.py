@@ -69,6 +69,8 @@ class VibrationSource:
                          "invalid_frames": 0, "stream_restarts": 0}
         self._window = _VibrationWindow()
         self.last_features: dict[str, Any] = {}
+        # The last window's averaged spectra, for the diagnostics API (plain lists).
+        self.latest_spectrum: dict[str, Any] | None = None
 
     def add_frame(self, frame: Frame) -> None:
         """Take one received frame (call from the event loop thread)."""
@@ -272,6 +274,19 @@ class VibrationSource:
             self._errors.log(logging.ERROR, "nonfinite", "%s: non-finite features left out of the summary: %s",
                              self.id, ", ".join(nonfinite))
 
+        self.latest_spectrum = {
+            "source": self.id,
+            "unit": cfg.input_unit,
+            "bin_hz": analyzer.bin_hz,
+            "spectrum": spectrum.tolist(),
+            "envelope_spectrum": envelope.tolist(),
+            "envelope_band_hz": list(analyzer.envelope_band),
+            "shaft_hz": shaft_hz,
+            "defect_hz": dict(indicators.frequencies_hz) if indicators else {},
+            "dominant_defect": indicators.dominant if indicators else None,
+            "velocity_rms_mm_s": velocity,
+            "severity_zone": zone,
+        }
         alarms = []
         if zone in ("C", "D"):
             limit = cfg.zone_limits_mm_s[1] if zone == "C" else cfg.zone_limits_mm_s[2]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -68,6 +69,9 @@ def test_chain_delivers_every_summary_once(chain):
     template = tomllib.loads((ROOT / "examples" / "demo.toml").read_text())
     config = build_agent_config(template, manifest, port, tmp_path)
     config["summary"]["period_s"] = 1.0
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        config["api"]["port"] = probe.getsockname()[1]
     config_file = tmp_path / "agent.toml"
     config_file.write_text(tomli_w.dumps(config))
 
