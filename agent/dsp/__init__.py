@@ -16,6 +16,8 @@ from .spectrum import (
     welch,
     window,
 )
+from .trend import BaselineStep, ChangeMonitor, ChangePoint, Cusum, EwmaBaseline, PageHinkley
+from .trend_slope import Forecast, SlopeEstimate, TheilSenSlope
 from .vibration import (
     G_TO_M_S2,
     BatchFeatures,
@@ -30,7 +32,16 @@ from ._fft import fft_plan
 from . import _fft
 
 __all__ = [
+    "BaselineStep",
     "BatchFeatures",
+    "ChangeMonitor",
+    "ChangePoint",
+    "Cusum",
+    "EwmaBaseline",
+    "Forecast",
+    "PageHinkley",
+    "SlopeEstimate",
+    "TheilSenSlope",
     "DEFECTS",
     "DefectIndicators",
     "DefectOrders",
