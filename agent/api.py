@@ -139,6 +139,9 @@ class _AgentMetrics:
         written = CounterMetricFamily("edge_summaries_written", "Summaries written to the buffer")
         written.add_metric([], agent.summaries_written)
         yield written
+        events = CounterMetricFamily("edge_alarm_events", "Alarm rule events (raised or cleared)")
+        events.add_metric([], agent.alarm_events)
+        yield events
         counters = getattr(agent.uploader, "counters", None)
         sent = CounterMetricFamily("edge_uplink_summaries_sent", "Summaries acknowledged by the collector")
         sent.add_metric([], getattr(counters, "summaries_sent", 0))
@@ -177,6 +180,7 @@ class DiagnosticsApi:
         self.app.router.add_get("/v1/status", self._status)
         self.app.router.add_get("/v1/spectrum/{source}", self._spectrum)
         self.app.router.add_get("/metrics", self._metrics)
+        self.app.router.add_post("/v1/baseline/reset", self._reset_baseline)
         self._runner: web.AppRunner | None = None
         self.bound_port: int | None = None
 
@@ -207,6 +211,18 @@ class DiagnosticsApi:
             return web.json_response({"error": f"{name} has no analysed window yet; try again after one summary "
                                                "period"}, status=503)
         return web.json_response(latest)
+
+    async def _reset_baseline(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "body must be JSON: {\"source\": \"<source id>\"}"}, status=400)
+        source = body.get("source") if isinstance(body, dict) else None
+        if source not in self.agent.sources:
+            return web.json_response({"error": f"no source {source!r}; sources: {sorted(self.agent.sources)}"},
+                                     status=404)
+        count = self.agent.reset_baseline(source)
+        return web.json_response({"source": source, "rules_reset": count})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.registry)

@@ -191,6 +191,22 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_baseline_reset(args: argparse.Namespace) -> int:
+    import httpx
+
+    try:
+        response = httpx.post(args.url.rstrip("/") + "/v1/baseline/reset", json={"source": args.source},
+                              timeout=5.0, trust_env=False)
+    except httpx.HTTPError as exc:
+        print(f"error: cannot reach the agent at {args.url} ({exc}); is it running?", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(f"error: {response.json().get('error', response.text)}", file=sys.stderr)
+        return 1
+    print(f"{args.source}: {response.json()['rules_reset']} alarm rules start learning again")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -253,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:8780", help=url_help)
     p.add_argument("--png", default=None, help="also save a plot to this PNG file (needs matplotlib)")
     p.set_defaults(func=_cmd_spectrum)
+
+    baseline = sub.add_parser("baseline", help="manage learned baselines")
+    bsub = baseline.add_subparsers(dest="baseline_command", required=True)
+    p = bsub.add_parser("reset", help="after maintenance: forget what the alarm rules of a source learned")
+    p.add_argument("source", help="source id from the config")
+    p.add_argument("--url", default="http://127.0.0.1:8780", help=url_help)
+    p.set_defaults(func=_cmd_baseline_reset)
 
     p = sub.add_parser("validate-cwru", help="diagnose every CWRU .mat recording in a folder (needs scipy)")
     p.add_argument("folder")

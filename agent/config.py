@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .alarms import RuleConfig, parse_grades, parse_rule
 from .config_errors import ConfigError, Section
 from .drivers.modbus import ModbusDeviceConfig, parse_modbus_device
+from .drivers.sumitomo_f70 import F70Config, parse_f70_device
+from .kpi import KpiConfig, check_sources, parse_kpi
 from .dsp import DefectOrders, ZONE_LIMITS_MM_S, orders_from_geometry
 
 # Defect orders of an SKF 6205 deep-groove ball bearing (9 balls, 7.94 mm balls on a
@@ -69,6 +72,10 @@ class AgentConfig:
     api: ApiConfig
     vibration: list[VibrationConfig] = field(default_factory=list)
     modbus: list[ModbusDeviceConfig] = field(default_factory=list)
+    f70: list[F70Config] = field(default_factory=list)
+    alarms: list[RuleConfig] = field(default_factory=list)
+    alarm_response_s: dict[str, float] = field(default_factory=dict)
+    kpis: list[KpiConfig] = field(default_factory=list)
 
 
 def load_config(path: str | Path) -> AgentConfig:
@@ -115,14 +122,26 @@ def parse_config(data: dict[str, Any], file: str, base_dir: Path) -> AgentConfig
                           "a loopback address (127.0.0.1 or ::1): the diagnostics API has no authentication")
     vibration = [_parse_vibration(s) for s in root.table_list("vibration")]
     modbus = [parse_modbus_device(s) for s in root.table_list("modbus")]
+    f70 = [parse_f70_device(s) for s in root.table_list("f70")]
+    alarms = [parse_rule(s) for s in root.table_list("alarm")]
+    response_s = parse_grades(root.sub("alarm_grades"))
+    kpis = [parse_kpi(s) for s in root.table_list("kpi")]
     root.finish()
 
-    ids = [v.id for v in vibration] + [m.id for m in modbus]
+    ids = [v.id for v in vibration] + [m.id for m in modbus] + [f.id for f in f70]
     for source_id in ids:
         if ids.count(source_id) > 1:
-            raise ConfigError(file, "id", source_id, "a source id used by only one [[vibration]] or [[modbus]] entry")
+            raise ConfigError(file, "id", source_id,
+                              "a source id used by only one [[vibration]], [[modbus]] or [[f70]] entry")
+    check_sources(file, "alarm", alarms, set(ids))
+    check_sources(file, "kpi", kpis, set(ids))
+    names = [f"{a.source}/{a.name}" for a in alarms]
+    for i, name in enumerate(names):
+        if names.count(name) > 1:
+            raise ConfigError(file, f"alarm[{i}].name", alarms[i].name, "a name used once per source")
     return AgentConfig(file, gateway_id, period, buffer_path, synchronous, uplink,
-                       base_dir / cache_dir if cache_dir else None, api, vibration, modbus)
+                       base_dir / cache_dir if cache_dir else None, api, vibration, modbus, f70, alarms,
+                       response_s, kpis)
 
 
 def _parse_uplink(s: Section) -> UplinkConfig:

@@ -22,11 +22,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__
+from .alarms import AlarmEngine
 from .config import AgentConfig, load_config
 from .config_errors import ConfigError
 from .drivers.base import Frame
 from .drivers.modbus import ModbusTcpDriver
+from .drivers.sumitomo_f70 import F70Driver
 from .drivers.vibration_serial import SerialFrameReader
+from .kpi import KpiTracker
+from .state_store import StateStore
 from .dsp import warmup as dsp_warmup
 from .logutil import RateLimitedLog
 from .sources import PointsSource, VibrationSource
@@ -57,6 +61,7 @@ class SourceState:
     source: Any
     driver: Any
     tasks: list[asyncio.Task] = field(default_factory=list)
+    kpi: KpiTracker | None = None
     restarts: int = 0
     last_error: str | None = None
     last_error_at: float | None = None
@@ -90,6 +95,10 @@ class Agent:
         self.reload_failures = 0
         self.watchdog_pings = 0
         self.api: Any = None
+        self.state_store: StateStore | None = None
+        self.alarms = AlarmEngine(config.alarms, config.alarm_response_s)
+        self.alarm_events = 0
+        self._last_eval_t = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -139,7 +148,10 @@ class Agent:
             await self._stop_sources()
             self.emit_summaries(partial=True)
             old_uplink = self.config.uplink
+            saved = self.alarms.state()
             self.config = new
+            self.alarms = AlarmEngine(new.alarms, new.alarm_response_s)
+            self.alarms.restore(saved)
             if new.uplink != old_uplink:
                 await self._restart_uplink()
             self._start_sources()
@@ -156,6 +168,10 @@ class Agent:
         cfg.buffer_path.parent.mkdir(parents=True, exist_ok=True)
         self.buffer = SummaryBuffer(cfg.buffer_path, synchronous=cfg.buffer_synchronous)
         log.info("buffer %s open with %d undelivered summaries", cfg.buffer_path, self.buffer.depth())
+        self.state_store = StateStore(cfg.buffer_path.with_name("state.sqlite"))
+        restored = self.alarms.restore(self.state_store.load("alarms") or {})
+        if restored:
+            log.info("resumed the state of %d alarm rules", restored)
         self._make_uploader()
 
         self.notifier.status("starting: loading analysis kernels")
@@ -213,11 +229,17 @@ class Agent:
             self.sources[vcfg.id] = state
             reader.start()
             state.tasks.append(self._supervise(state, "analyse", lambda s=source: s.run_analysis(self._sources_stop)))
-        for mcfg in self.config.modbus:
-            driver = ModbusTcpDriver(mcfg)
-            state = SourceState(mcfg.id, "points", PointsSource(mcfg.id), driver)
-            self.sources[mcfg.id] = state
+        point_drivers = [ModbusTcpDriver(m) for m in self.config.modbus] + [F70Driver(f) for f in self.config.f70]
+        for driver in point_drivers:
+            source_id = driver.config.id
+            state = SourceState(source_id, "points", PointsSource(source_id), driver)
+            self.sources[source_id] = state
             state.tasks.append(self._supervise(state, "poll", lambda st=state: self._poll_loop(st)))
+        for state in self.sources.values():
+            configs = [k for k in self.config.kpis if k.source == state.id]
+            state.kpi = KpiTracker(state.id, configs)
+            if self.state_store is not None:
+                state.kpi.restore(self.state_store.load(f"kpi/{state.id}") or {})
         log.info("started %d sources: %s", len(self.sources), ", ".join(self.sources) or "none")
 
     async def _stop_sources(self) -> None:
@@ -295,6 +317,10 @@ class Agent:
         while not self._sources_stop.is_set():
             readings = await driver.poll()
             source.add_readings(readings)
+            if state.kpi is not None and state.kpi.scans:
+                for r in readings:
+                    if r.quality == "good" and isinstance(r.value, (int, float)):
+                        state.kpi.add_reading(r.point, r.t_mono, float(r.value))
             if any(r.quality != "good" for r in readings) or getattr(driver, "last_errors", None):
                 source.add_error()
             next_poll += interval
@@ -329,12 +355,37 @@ class Agent:
         now_mono = time.monotonic()
         duration = now_mono - self._window_start_mono
         t_start = now_wall - duration
+        # Detectors need strictly increasing times; a wall clock stepped backwards (NTP
+        # after a boot without RTC) skips rule evaluation until it passes the last time.
+        evaluate = now_wall > self._last_eval_t
+        if not evaluate:
+            self._errors.log(logging.WARNING, "clock", "wall clock went back to %.0f (last evaluation %.0f); "
+                             "alarm rules wait until it passes that time", now_wall, self._last_eval_t)
+        else:
+            self._last_eval_t = now_wall
         for state in self.sources.values():
             counters = self._counter_delta(state.id, getattr(state.driver, "counters", {}))
             features, quality, alarms = state.source.take_summary(counters)
             if partial:
                 quality["partial_window"] = True
             quality["restarts"] = state.restarts
+            if evaluate and features:
+                active, events = self.alarms.evaluate(state.id, now_wall, features)
+                alarms = alarms + active
+                for kind, alarm in events:
+                    self.alarm_events += 1
+                    level = logging.WARNING if kind == "raised" else logging.INFO
+                    log.log(level, "%s: alarm %s %s (%s): %s", state.id, alarm["name"], kind, alarm["grade"],
+                            alarm["message"])
+            if state.kpi is not None:
+                kpis, episodes = state.kpi.summarise(features, alarms, t_start, now_wall, duration)
+                features = {**features, **kpis}
+                for episode in episodes:
+                    log.info("%s: fault episode from %.0f to %.0f (%.0f s)", state.id, episode["start"],
+                             episode["end"], episode["duration_s"])
+                if episodes:
+                    features["fault_episode_start"] = episodes[-1]["start"]
+                    features["fault_episode_end"] = episodes[-1]["end"]
             summary = {
                 "v": SCHEMA_VERSION,
                 "gateway": self.config.gateway_id,
@@ -362,6 +413,25 @@ class Agent:
         if self.uploader is not None:
             self.uploader.notify()
         self._window_start_mono = now_mono
+        self._save_state()
+
+    def _save_state(self) -> None:
+        if self.state_store is None:
+            return
+        try:
+            self.state_store.save("alarms", self.alarms.state())
+            for state in self.sources.values():
+                if state.kpi is not None:
+                    self.state_store.save(f"kpi/{state.id}", state.kpi.state_dict())
+        except (ValueError, OSError) as exc:
+            self._errors.log(logging.ERROR, "state", "saving detector state failed: %s", exc)
+
+    def reset_baseline(self, source: str) -> int:
+        """Forget what the alarm rules of `source` learned (after maintenance)."""
+        count = self.alarms.reset_source(source)
+        self._save_state()
+        log.info("%s: baseline reset for %d alarm rules", source, count)
+        return count
 
     def _counter_delta(self, key: str, counters: dict[str, Any]) -> dict[str, int]:
         """Return how much each integer driver counter grew since the last summary."""
@@ -424,6 +494,8 @@ class Agent:
             await self.uploader.aclose()
         if self.api is not None:
             await self.api.stop()
+        if self.state_store is not None:
+            self.state_store.close()
         if self.buffer is not None:
             log.info("stopping with %d undelivered summaries in the buffer", self.buffer.depth())
             self.buffer.close()
