@@ -1,8 +1,13 @@
-"""Vibration analysis core: pure functions and classes, no I/O.
+"""Vibration and trend analysis core: pure functions and classes, no I/O.
 
-The real FFT is the project's own radix-2 kernel compiled with Numba (the half-length
-complex transform plus a split step for real input), so every stage of the per-frame
-analysis runs inside compiled code without a Python round trip.
+The real FFT is the project's own Numba kernel (`_fft.py`): a four-step, radix-4
+Stockham FFT of the half-length complex sequence plus a split step for real input, so
+every stage of the per-frame analysis runs in compiled code. On a 2-core x86-64 VM it
+takes 0.45-0.6x the time of numpy.fft.rfft at N = 4096, and the whole per-frame
+pipeline 0.06-0.08x the time of the same features in numpy/scipy. rocket-fft, which
+makes numpy.fft callable inside @njit, was about level with it and was not adopted, to
+keep a native extension out of the gateway's dependencies. Figures and commands are in
+docs/benchmarks.md.
 """
 
 from .bearing import DEFECTS, DefectOrders, orders_from_geometry
@@ -73,7 +78,7 @@ def rfft(x):
     arr = np.ascontiguousarray(x, dtype=np.float64)
     if arr.ndim != 1:
         raise ValueError(f"input shape {arr.shape} is invalid; rfft takes a 1-D array")
-    if not np.all(np.isfinite(arr)):
+    if not _fft._all_finite(arr):
         raise ValueError("input contains NaN or infinite values; rfft needs finite samples")
     plan = fft_plan(arr.size)
     out = np.empty(arr.size // 2 + 1, dtype=np.complex128)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _kernels as k
-from ._fft import fft_plan
+from ._fft import _all_finite, fft_plan
 from .bearing import DEFECTS, DefectOrders
 from .spectrum import check_spectrum
 
@@ -132,9 +132,8 @@ class FrameAnalyzer:
         if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
             raise ValueError(f"frame dtype {x.dtype} is invalid; pass float or integer samples")
         x = np.ascontiguousarray(x, dtype=np.float64)
-        finite = np.isfinite(x)
-        if not np.all(finite):
-            bad = int(np.count_nonzero(~finite))
+        if not _all_finite(x.reshape(-1)):
+            bad = int(np.count_nonzero(~np.isfinite(x)))
             raise ValueError(f"frame has {bad} NaN or infinite samples; drop or repair the frame before analysis")
         constant = np.ptp(np.atleast_2d(x), axis=1) == 0.0
         if np.any(constant):
