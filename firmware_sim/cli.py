@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--link", default=None, help="also make this path a symlink to the pty (a stable port name)")
     p.add_argument("--sdm630", action="store_true", help="start the SDM630 power meter")
     p.add_argument("--cpa", action="store_true", help="start the Cryomech CPA compressor")
+    p.add_argument("--f70", action="store_true", help="start the Sumitomo F-70 compressor on a pty (RS-232)")
+    p.add_argument("--f70-link", default=None, help="also make this path a symlink to the F-70's pty")
+    p.add_argument("--vibration-speed", type=float, default=None,
+                   help="pace of the accelerometer stream (default: --speed); lets a scenario run "
+                        "hours per second while the stream stays at a rate the pty and the agent sustain")
     p.add_argument("--host", default="127.0.0.1", help="address the Modbus servers bind (default 127.0.0.1)")
     p.add_argument("--sdm630-port", type=int, default=0, help="SDM630 TCP port (default: ephemeral)")
     p.add_argument("--cpa-port", type=int, default=0, help="CPA TCP port (default: ephemeral)")
@@ -90,6 +95,7 @@ async def _run(args: argparse.Namespace) -> int:
     seed = scenario.seed if scenario else args.seed
     args.seed = seed
     sensor: PtyVibrationSensor | None = None
+    serial_devices: list[Any] = []
     modbus: list[Any] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -100,7 +106,8 @@ async def _run(args: argparse.Namespace) -> int:
         if args.vibration != "none":
             source, rpm, description = _make_source(args)
             full_scale = DEFAULT_HEADROOM * _peak_with_scenario(source, scenario)
-            sensor = PtyVibrationSensor(source, samples_per_frame=args.samples_per_frame, speed=args.speed,
+            vibration_speed = args.vibration_speed or args.speed
+            sensor = PtyVibrationSensor(source, samples_per_frame=args.samples_per_frame, speed=vibration_speed,
                                         full_scale_g=full_scale, link=args.link, seed=seed)
             sensor.start()
             targets["vibration"] = sensor
@@ -114,8 +121,15 @@ async def _run(args: argparse.Namespace) -> int:
                 targets[kind] = device
                 devices.append({"name": kind, "kind": kind, "host": device.host, "port": device.port,
                                 "unit_id": device.unit_id})
+        if args.f70:
+            from .sumitomo_f70 import start_f70
+
+            f70 = start_f70(link=args.f70_link, seed=seed, speed=args.speed)
+            serial_devices.append(f70)
+            targets["f70"] = f70
+            devices.append({"name": "f70", "kind": "f70", "path": f70.path, "link": args.f70_link})
         if not devices:
-            print("error: no device selected; pass --vibration, --sdm630 or --cpa", file=sys.stderr)
+            print("error: no device selected; pass --vibration, --sdm630, --cpa or --f70", file=sys.stderr)
             return 2
 
         for d in devices:
@@ -123,6 +137,9 @@ async def _run(args: argparse.Namespace) -> int:
                 where = d["path"] + (f" (link {d['link']})" if d["link"] else "")
                 print(f"{d['name']:<10} pty {where}  {d['sample_rate']} Hz  shaft {d['shaft_rpm']:g} rpm  "
                       f"{d['description']}", flush=True)
+            elif d["kind"] == "f70":
+                where = d["path"] + (f" (link {d['link']})" if d["link"] else "")
+                print(f"{d['name']:<10} pty {where}  9600 8N1  Sumitomo F-70 protocol", flush=True)
             else:
                 print(f"{d['name']:<10} modbus tcp {d['host']}:{d['port']}  unit {d['unit_id']}", flush=True)
         if scenario is not None:
@@ -149,6 +166,8 @@ async def _run(args: argparse.Namespace) -> int:
             log.info("vibration stream stopped: %d frames sent, %d dropped", sensor.frames_sent, sensor.frames_dropped)
         for device in modbus:
             await device.stop()
+        for device in serial_devices:
+            device.stop()
         if args.link and Path(args.link).is_symlink():
             Path(args.link).unlink()
         if args.manifest:
