@@ -24,6 +24,7 @@ from agent.uplink.buffer import SummaryBuffer
 from agent.uplink.collector import CollectorStore, create_app, format_table, serve
 from agent.uplink.push import UploadError, Uploader, idempotency_key
 from agent.uplink.schema import (
+    SUPPORTED_VERSIONS,
     SchemaError,
     decode_batch,
     decode_summary,
@@ -110,6 +111,40 @@ def fast_uploader(buffer: SummaryBuffer, url: str, **kwargs) -> Uploader:
 def test_schema_round_trip():
     summary = make_summary()
     assert decode_summary(encode_summary(summary)) == summary
+
+
+@pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
+def test_schema_round_trip_per_version(version):
+    summary = make_summary()
+    summary["v"] = version
+    assert decode_summary(encode_summary(summary)) == summary
+
+
+@pytest.mark.parametrize("version", [0, 2, 99])
+def test_decoder_rejects_unknown_version(version):
+    # A newer summary may carry fields this decoder does not know; the version error comes first.
+    data = msgpack.packb({**make_summary(), "v": version, "new_field": 1})
+    with pytest.raises(SchemaError, match="unsupported schema version") as info:
+        decode_summary(data)
+    assert info.value.field == "v"
+    assert info.value.value == version
+    assert "upgrade" in str(info.value)
+
+
+def test_schema_clock_synced_must_be_bool():
+    summary = make_summary()
+    summary["quality"]["clock_synced"] = 1
+    with pytest.raises(SchemaError) as info:
+        validate_summary(summary)
+    assert info.value.field == "quality.clock_synced"
+
+
+def test_schema_clock_correction_is_float():
+    summary = make_summary()
+    summary["quality"]["clock_correction_s"] = 3
+    decoded = decode_summary(encode_summary(summary))
+    assert decoded["quality"]["clock_correction_s"] == 3.0
+    assert isinstance(decoded["quality"]["clock_correction_s"], float)
 
 
 def test_schema_int_time_becomes_float():
@@ -246,7 +281,8 @@ def test_buffer_pending_by_seq_not_time(buffer, tmp_path):
         buffer.append(make_summary(index=i))
     # Make wall times run backwards, as after a clock step on a gateway without an RTC.
     with contextlib.closing(sqlite3.connect(tmp_path / "buffer.db")) as db:
-        db.execute("UPDATE summaries SET created = 1000.0 - seq")
+        for table in ("routine", "alarm"):
+            db.execute(f"UPDATE {table} SET created = 1000.0 - seq")
         db.commit()
     assert [seq for seq, _ in buffer.pending(10)] == [1, 2, 3, 4, 5]
     assert [seq for seq, _ in buffer.pending(2)] == [1, 2]

@@ -1,7 +1,8 @@
-"""Reference central collector: stores pushed summaries once per (gateway, seq).
+"""Reference central collector: stores summaries once per (gateway, seq).
 
-`create_app` builds the aiohttp application with `POST /v1/summaries` and `GET /v1/health`;
-`serve` runs it for the command line, and `format_table` renders what the store holds.
+`create_app` builds the aiohttp application with `POST /v1/summaries` (push) and
+`GET /v1/health`; `serve` runs it and, optionally, pollers that pull from gateways
+(agent.uplink.collect). `format_table` renders what the store holds.
 """
 
 from __future__ import annotations
@@ -10,16 +11,22 @@ import asyncio
 import logging
 import os
 import sqlite3
+import ssl
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from agent.uplink.auth import bearer_matches
 from agent.uplink.schema import SchemaError, decode_batch, decode_summary
+
+if TYPE_CHECKING:
+    from agent.uplink.collect import PollTarget
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +47,22 @@ CREATE TABLE IF NOT EXISTS summaries (
     received REAL NOT NULL,
     body BLOB NOT NULL,
     PRIMARY KEY (gateway, seq)
+);
+CREATE INDEX IF NOT EXISTS summaries_by_source ON summaries (source, t_end);
+-- Pull cursor per polled URL: every seq <= after has been stored (or evicted on the gateway).
+CREATE TABLE IF NOT EXISTS cursors (
+    url TEXT PRIMARY KEY,
+    after INTEGER NOT NULL,
+    updated REAL NOT NULL
+);
+-- Items a gateway served that fail validation, kept as received so nothing is dropped silently.
+CREATE TABLE IF NOT EXISTS rejected (
+    id INTEGER PRIMARY KEY,
+    origin TEXT NOT NULL,
+    seq INTEGER,
+    error TEXT NOT NULL,
+    received REAL NOT NULL,
+    body BLOB NOT NULL
 );
 """
 
@@ -107,6 +130,100 @@ class CollectorStore:
                 raise
         return stored, len(rows) - stored
 
+    def insert_pulled(
+        self,
+        url: str,
+        summaries: list[dict[str, Any]],
+        bodies: list[bytes],
+        rejected: list[tuple[int | None, str, bytes]],
+        last_seq: int,
+    ) -> tuple[int, int]:
+        """Store one pulled page and advance the cursor of `url` to `last_seq`, in one transaction.
+
+        `rejected` contains (seq or None, error, raw bytes) of items that failed validation.
+        Returns (stored, duplicates) as `insert_batch` does.
+        """
+        if len(summaries) != len(bodies):
+            raise ValueError(f"got {len(summaries)} summaries but {len(bodies)} bodies; pass one body per summary")
+        received = time.time()
+        rows = [
+            (s["gateway"], s["seq"], s["source"], s["kind"], s["t_start"], s["t_end"], received, bytes(body))
+            for s, body in zip(summaries, bodies)
+        ]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                before = self._db.total_changes
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO summaries"
+                    " (gateway, seq, source, kind, t_start, t_end, received, body)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                stored = self._db.total_changes - before
+                self._db.executemany(
+                    "INSERT INTO rejected (origin, seq, error, received, body) VALUES (?, ?, ?, ?, ?)",
+                    [(url, seq, error, received, bytes(raw)) for seq, error, raw in rejected],
+                )
+                self._db.execute(
+                    "INSERT INTO cursors (url, after, updated) VALUES (?, ?, ?)"
+                    " ON CONFLICT (url) DO UPDATE SET after = MAX(after, excluded.after), updated = excluded.updated",
+                    (url, last_seq, received),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return stored, len(rows) - stored
+
+    def cursor(self, url: str) -> int:
+        """Return the highest seq stored from a polled URL, or 0 if it was never polled."""
+        with self._lock:
+            row = self._db.execute("SELECT after FROM cursors WHERE url = ?", (url,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def rejected(self) -> list[dict[str, Any]]:
+        """Return the pulled items that failed validation: origin, seq, error, received time and raw bytes."""
+        with self._lock:
+            rows = self._db.execute("SELECT origin, seq, error, received, body FROM rejected ORDER BY id").fetchall()
+        return [
+            {"origin": origin, "seq": seq, "error": error, "received": received, "body": bytes(body)}
+            for origin, seq, error, received, body in rows
+        ]
+
+    def iter_summaries(
+        self,
+        *,
+        gateway: str | None = None,
+        source: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        page_size: int = 1000,
+    ) -> Iterator[dict[str, Any]]:
+        """Yield stored summaries ordered by gateway then seq, reading `page_size` rows at a time.
+
+        `since` and `until` select by t_end (UTC Unix seconds, inclusive start, exclusive end).
+        """
+        position: tuple[str, int] = ("", 0)
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT gateway, seq, body FROM summaries"
+                    " WHERE (gateway > ? OR (gateway = ? AND seq > ?))"
+                    " AND (? IS NULL OR gateway = ?) AND (? IS NULL OR source = ?)"
+                    " AND (? IS NULL OR t_end >= ?) AND (? IS NULL OR t_end < ?)"
+                    " ORDER BY gateway, seq LIMIT ?",
+                    (
+                        position[0], position[0], position[1],
+                        gateway, gateway, source, source, since, since, until, until, page_size,
+                    ),  # fmt: skip
+                ).fetchall()
+            if not rows:
+                return
+            for row_gateway, seq, body in rows:
+                yield decode_summary(body)
+            position = (rows[-1][0], rows[-1][1])
+
     def table(self) -> list[dict[str, Any]]:
         """Return one row per (gateway, source): count, first t_start, last t_end and total bytes."""
         with self._lock:
@@ -154,12 +271,22 @@ def create_app(
     *,
     max_body_bytes: int = MAX_BODY_BYTES,
     read_timeout_s: float = READ_TIMEOUT_S,
+    token: str | None = None,
 ) -> web.Application:
-    """Build the collector application: POST /v1/summaries and GET /v1/health."""
+    """Build the collector application: POST /v1/summaries and GET /v1/health.
+
+    With `token`, a push must carry `Authorization: Bearer <token>`, else it gets 401
+    and nothing is stored. The health check needs no token.
+    """
     app = web.Application(client_max_size=max_body_bytes)
     app[STORE_KEY] = store
 
     async def post_summaries(request: web.Request) -> web.Response:
+        if token is not None and not bearer_matches(request.headers.get("Authorization"), token):
+            key = request.headers.get("Idempotency-Key", "-")
+            response = _reject(request, key, 401, "missing or wrong bearer token; send Authorization: Bearer <token>")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
         return await _handle_push(request, max_body_bytes, read_timeout_s)
 
     app.router.add_post("/v1/summaries", post_summaries)
@@ -220,31 +347,59 @@ async def serve(
     port: int = 0,
     port_file: str | PathLike[str] | None = None,
     stop: asyncio.Event | None = None,
+    *,
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    poll: Sequence[PollTarget] = (),
+    poll_interval_s: float = 10.0,
+    poll_limit: int = 500,
+    poll_timeout_s: float = 10.0,
+    poll_ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     """Run the collector until `stop` is set or the task is cancelled.
 
     Port 0 binds an ephemeral port. If `port_file` is given, the bound port is written
     there atomically (a temporary file renamed into place) once the server accepts
-    connections, and the file is removed at shutdown.
+    connections, and the file is removed at shutdown. `token` requires a bearer token on
+    pushes; `ssl_context` serves HTTPS. Each `poll` target is pulled concurrently every
+    `poll_interval_s` (see agent.uplink.collect.poll_gateways).
     """
+    from agent.uplink.collect import poll_gateways  # collect imports this module
+
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"invalid port {port!r}; expected 0 (ephemeral) to 65535")
     store = CollectorStore(db_path)
-    runner = web.AppRunner(create_app(store), shutdown_timeout=5.0)
+    runner = web.AppRunner(create_app(store, token=token), shutdown_timeout=5.0)
+    stop_event = stop if stop is not None else asyncio.Event()
+    pollers: asyncio.Task | None = None
     try:
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         await site.start()
         bound_port = int(runner.addresses[0][1])
         if port_file is not None:
             _write_port_file(Path(port_file), bound_port)
         url_host = f"[{host}]" if ":" in host else host
-        log.info("collector listening on http://%s:%d/v1/summaries, database %s", url_host, bound_port, db_path)
-        if stop is None:
-            await asyncio.Event().wait()
-        else:
-            await stop.wait()
+        scheme = "https" if ssl_context is not None else "http"
+        log.info("collector listening on %s://%s:%d/v1/summaries, database %s", scheme, url_host, bound_port, db_path)
+        if poll:
+            pollers = asyncio.create_task(
+                poll_gateways(
+                    store,
+                    poll,
+                    stop=stop_event,
+                    interval_s=poll_interval_s,
+                    limit=poll_limit,
+                    timeout_s=poll_timeout_s,
+                    ssl_context=poll_ssl_context,
+                ),
+                name="collector-pollers",
+            )
+        await stop_event.wait()
     finally:
+        stop_event.set()
+        if pollers is not None:
+            await asyncio.gather(pollers, return_exceptions=True)
         await runner.cleanup()
         store.close()
         if port_file is not None:

@@ -1,9 +1,10 @@
-"""Summary schema v1: validation and the msgpack codec.
+"""Summary schema: validation and the msgpack codec.
 
 A summary is a msgpack map with string keys. `validate_summary` checks every field,
 `encode_summary` and `decode_summary` convert between dicts and bytes, and
-`encode_batch` and `decode_batch` handle the msgpack array that one push request carries.
-The field reference is in docs/uplink.md.
+`encode_batch` and `decode_batch` handle the msgpack array that one push or pull
+response carries. The decoder reads the versions in SUPPORTED_VERSIONS and rejects any
+other `v` with an error that names it. The field reference is in docs/uplink.md.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from typing import Any
 import msgpack
 
 SCHEMA_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
 KINDS = ("vibration", "points")
+
+# Quality keys with a fixed meaning and type (see docs/uplink.md, "Clock quality flags").
+# clock_synced: False when t_start and t_end come from a wall clock that was not synchronised.
+CLOCK_SYNCED = "clock_synced"
+# clock_correction_s: seconds added to t_start and t_end after the clock was synchronised;
+# present only on summaries made before synchronisation, 0.0 until they are corrected.
+CLOCK_CORRECTION = "clock_correction_s"
 
 # Integer range that msgpack can encode and SQLite can store as a key.
 _INT_MIN = -(2**63)
@@ -38,7 +47,7 @@ _ALARM_FIELDS = ("name", "grade", "value", "limit", "message")
 
 
 class SchemaError(ValueError):
-    """A summary, or the bytes that should hold one, does not match schema v1.
+    """A summary, or the bytes that should hold one, does not match a supported schema version.
 
     `field` is the dotted path of the bad field ("features.rms.mean", "alarms[0].value"),
     or "" when the whole object is wrong. `index` is the item's position in a batch, or None.
@@ -65,7 +74,7 @@ class SchemaError(ValueError):
 
 
 def validate_summary(obj: Any) -> dict[str, Any]:
-    """Check a summary against schema v1 and return a normalised copy.
+    """Check a summary against the schema version in its `v` field and return a normalised copy.
 
     Integers given for float fields become floats, so the encoded form always carries
     float64 there. Unknown keys are rejected at the top level and in alarms, because a
@@ -76,6 +85,24 @@ def validate_summary(obj: Any) -> dict[str, Any]:
     """
     if not isinstance(obj, dict):
         raise SchemaError("", obj, "expected a map with string keys")
+    # The version is checked first, so a newer summary gets a version error, not an unknown-field error.
+    if "v" not in obj:
+        raise SchemaError("v", None, "missing required field")
+    version = obj["v"]
+    if not _is_int(version):
+        raise SchemaError("v", version, "expected an integer schema version")
+    if version not in SUPPORTED_VERSIONS:
+        supported = ", ".join(str(v) for v in SUPPORTED_VERSIONS)
+        raise SchemaError(
+            "v",
+            version,
+            f"unsupported schema version; this decoder reads version {supported}, "
+            "so upgrade the imaging-edge-agent package on the receiving side",
+        )
+    return _validate_v1(obj)
+
+
+def _validate_v1(obj: dict[str, Any]) -> dict[str, Any]:
     for key in obj:
         if key not in _TOP_FIELDS:
             raise SchemaError(str(key), obj[key], "unknown field; schema v1 has " + ", ".join(_TOP_FIELDS))
@@ -84,8 +111,6 @@ def validate_summary(obj: Any) -> dict[str, Any]:
             raise SchemaError(name, None, "missing required field")
 
     version = obj["v"]
-    if not _is_int(version) or version != SCHEMA_VERSION:
-        raise SchemaError("v", version, f"expected schema version {SCHEMA_VERSION}")
     seq = obj["seq"]
     if not _is_int(seq) or not 1 <= seq <= _INT_MAX:
         raise SchemaError("seq", seq, f"expected an integer from 1 to {_INT_MAX}")
@@ -115,7 +140,7 @@ def encode_summary(summary: dict[str, Any]) -> bytes:
     """Validate a summary and encode it as msgpack, with floats as float64.
 
     Raises:
-        SchemaError: the summary does not match schema v1.
+        SchemaError: the summary does not match its schema version.
     """
     checked = validate_summary(summary)
     return msgpack.packb(checked, use_bin_type=True, use_single_float=False)
@@ -125,7 +150,8 @@ def decode_summary(data: bytes) -> dict[str, Any]:
     """Decode one msgpack summary and validate it.
 
     Raises:
-        SchemaError: the bytes are not one msgpack map, or the map does not match schema v1.
+        SchemaError: the bytes are not one msgpack map, or the map does not match a
+            supported schema version.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise SchemaError("", data, "expected bytes holding one msgpack map")
@@ -250,6 +276,11 @@ def _quality(value: Any) -> dict[str, int | float | bool]:
         path = f"quality.{_key(key, 'quality')}"
         if item is None or isinstance(item, str):
             raise SchemaError(path, item, "expected an int, float or bool")
+        if key == CLOCK_SYNCED and not isinstance(item, bool):
+            raise SchemaError(path, item, "expected true or false")
+        if key == CLOCK_CORRECTION:
+            out[key] = _real(item, path)
+            continue
         out[key] = _scalar(item, path)  # type: ignore[assignment]
     return out
 
