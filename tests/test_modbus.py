@@ -1,4 +1,4 @@
-"""Modbus TCP driver against the simulated SDM630 and CPA, over real sockets on 127.0.0.1.
+"""Modbus decoding, configuration and planning; the TCP driver against the SDM630 and CPA simulators.
 
 The simulators encode registers on their own and the driver decodes them on its own, so a
 value that survives the trip checks both sides. Example register pairs come from the vendors'
@@ -19,34 +19,19 @@ import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
 import agent.drivers
-from agent.config_errors import ConfigError, Section
+from agent.config_errors import ConfigError
 from agent.drivers.modbus import (
     ModbusDeviceConfig,
     ModbusTcpDriver,
     decode_registers,
     list_profiles,
     load_profile,
-    parse_modbus_device,
     plan_requests,
 )
 from firmware_sim.modbus_devices import CryomechCpa, Sdm630, start_modbus_device
+from tests.test_modbus_fixtures import device_config, float32, run, simulator
 
 pytestmark = pytest.mark.timeout(30)
-
-
-def run(coroutine):
-    return asyncio.run(asyncio.wait_for(coroutine, 20.0))
-
-
-def device_config(**table) -> ModbusDeviceConfig:
-    table.setdefault("id", "dev")
-    table.setdefault("host", "127.0.0.1")
-    return parse_modbus_device(Section("test.toml", "modbus[0]", table))
-
-
-def float32(value: float) -> float:
-    """Round a Python float to the nearest float32, as the wire carries it."""
-    return struct.unpack(">f", struct.pack(">f", value))[0]
 
 
 def float32_from_hex(big_endian: str) -> float:
@@ -59,16 +44,8 @@ SDM630_EXAMPLE_VOLTS = float32_from_hex("43663334")
 
 
 @contextlib.asynccontextmanager
-async def simulator(kind: str, **options):
-    device = await start_modbus_device(kind, **options)
-    try:
-        yield device
-    finally:
-        await device.stop()
-
-
-@contextlib.asynccontextmanager
 async def driver_for(config: ModbusDeviceConfig):
+    # The driver's first name stays in use here, so the service's old call keeps working.
     driver = ModbusTcpDriver(config)
     await driver.open()
     try:
@@ -342,11 +319,19 @@ def test_cpa_profile_values_match():
             config = device_config(profile="cryomech_cpa", port=compressor.port, unit_id=16)
             async with driver_for(config) as driver:
                 readings = await driver.poll()
-                assert driver.last_errors == []
-                assert driver.counters["requests"] == 1
-                assert_readings_match(readings, compressor.values(), config.points)
+                return driver, readings, compressor.values(), config
 
-    run(scenario())
+    driver, readings, truth, config = run(scenario())
+    values = {reading.point: reading.value for reading in readings}
+    assert driver.last_errors == []
+    assert driver.counters["requests"] == 1
+    plain = [point for point in config.points if point.type != "bitfield"]
+    assert_readings_match([r for r in readings if r.point in {p.name for p in plain}], truth, plain)
+    # A float32 has 24 significant bits, so the panel's float loses weight 1 next to 2**24.
+    assert values["warning"] == 2**24 + 1024
+    assert values["warning.active"] == "high_pressure_high,high_pressure_sensor_fault"
+    assert values["alarm"] == 64
+    assert values["alarm.active"] == "helium_high"
 
 
 def test_cpa_3x_scaled_copies():
@@ -461,7 +446,7 @@ def test_driver_names_exceptions():
                 wide_readings = await wide_driver.poll()
         assert odd_readings == []
         assert [error.reason for error in odd_driver.last_errors] == ["ILLEGAL_DATA_ADDRESS"]
-        assert odd_driver.counters["exceptions"] == {"ILLEGAL_DATA_ADDRESS": 1}
+        assert odd_driver.counters["exception_ILLEGAL_DATA_ADDRESS"] == 1
         assert wide_readings == []
         assert [error.reason for error in wide_driver.last_errors] == ["ILLEGAL_DATA_VALUE"]
         assert wide_driver.last_errors[0].points == ("a", "b")
@@ -475,7 +460,7 @@ def test_driver_reconnects_after_restart():
         meter = await start_modbus_device("sdm630", seed=20)
         port = meter.port
         config = device_config(profile="sdm630", port=port, timeout_s=0.3,
-                               reconnect_min_s=0.05, reconnect_max_s=0.2)
+                               backoff_min_s=0.05, backoff_max_s=0.2)
         async with driver_for(config) as driver:
             first = await driver.poll()
             await meter.stop()
@@ -534,7 +519,7 @@ def test_driver_unreachable_device():
         port = server.sockets[0].getsockname()[1]
         server.close()
         await server.wait_closed()
-        config = device_config(port=port, timeout_s=0.2, reconnect_min_s=10.0,
+        config = device_config(port=port, timeout_s=0.2, backoff_min_s=10.0,
                                points=[{"name": "a", "address": 0, "type": "uint16"}])
         driver = ModbusTcpDriver(config)
         opened = await driver.open()
