@@ -46,11 +46,24 @@ class VibrationConfig:
 @dataclass(frozen=True)
 class UplinkConfig:
     url: str | None
+    token_file: Path | None
+    ca_file: Path | None
+    client_cert: Path | None
+    client_key: Path | None
+    retry_after_max_s: float
     batch_size: int
     timeout_s: float
     backoff_initial_s: float
     backoff_max_s: float
     drain_timeout_s: float
+
+
+@dataclass(frozen=True)
+class PullConfig:
+    enabled: bool
+    host: str
+    port: int
+    token_file: Path | None
 
 
 @dataclass(frozen=True)
@@ -67,7 +80,9 @@ class AgentConfig:
     summary_period_s: float
     buffer_path: Path
     buffer_synchronous: str
+    buffer_budget_bytes: int
     uplink: UplinkConfig
+    pull: PullConfig
     dsp_cache_dir: Path | None
     api: ApiConfig
     vibration: list[VibrationConfig] = field(default_factory=list)
@@ -104,9 +119,11 @@ def parse_config(data: dict[str, Any], file: str, base_dir: Path) -> AgentConfig
     buffer = root.sub("buffer")
     buffer_path = base_dir / buffer.string("path", "state/buffer.sqlite")
     synchronous = buffer.string("synchronous", "FULL", choices=("FULL", "NORMAL", "EXTRA"))
+    budget = buffer.integer("budget_bytes", 256 * 1024 * 1024, lo=1024 * 1024)
     buffer.finish()
 
-    uplink = _parse_uplink(root.sub("uplink"))
+    uplink = _parse_uplink(root.sub("uplink"), base_dir)
+    pull = _parse_pull(root.sub("pull"), base_dir)
     dsp = root.sub("dsp")
     cache_dir = dsp.string("cache_dir", None) if dsp.raw("cache_dir", None) is not None else None
     dsp.finish()
@@ -139,17 +156,34 @@ def parse_config(data: dict[str, Any], file: str, base_dir: Path) -> AgentConfig
     for i, name in enumerate(names):
         if names.count(name) > 1:
             raise ConfigError(file, f"alarm[{i}].name", alarms[i].name, "a name used once per source")
-    return AgentConfig(file, gateway_id, period, buffer_path, synchronous, uplink,
+    return AgentConfig(file, gateway_id, period, buffer_path, synchronous, budget, uplink, pull,
                        base_dir / cache_dir if cache_dir else None, api, vibration, modbus, f70, alarms,
                        response_s, kpis)
 
 
-def _parse_uplink(s: Section) -> UplinkConfig:
+def _path(s: Section, name: str, base_dir: Path, must_exist: bool = True) -> Path | None:
+    value = s.raw(name, None)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(s.file, s.key(name), value, "a file path")
+    path = base_dir / Path(value).expanduser()
+    if must_exist and not path.is_file():
+        raise ConfigError(s.file, s.key(name), value, f"an existing, readable file ({path} not found)")
+    return path
+
+
+def _parse_uplink(s: Section, base_dir: Path) -> UplinkConfig:
     url = s.raw("url", None)
     if url is not None and (not isinstance(url, str) or not url.startswith(("http://", "https://"))):
         raise ConfigError(s.file, s.key("url"), url, "an http:// or https:// URL, or no key to keep summaries on the gateway")
     cfg = UplinkConfig(
         url=url,
+        token_file=_path(s, "token_file", base_dir),
+        ca_file=_path(s, "ca_file", base_dir),
+        client_cert=_path(s, "client_cert", base_dir),
+        client_key=_path(s, "client_key", base_dir),
+        retry_after_max_s=s.number("retry_after_max_s", 3600.0, lo=1.0, hi=86400.0),
         batch_size=s.integer("batch_size", 100, lo=1, hi=10000),
         timeout_s=s.number("timeout_s", 10.0, lo=0.1, hi=300.0),
         backoff_initial_s=s.number("backoff_initial_s", 1.0, lo=0.01, hi=600.0),
@@ -157,6 +191,26 @@ def _parse_uplink(s: Section) -> UplinkConfig:
         drain_timeout_s=s.number("drain_timeout_s", 5.0, lo=0.0, hi=300.0),
     )
     s.finish()
+    return cfg
+
+
+def _parse_pull(s: Section, base_dir: Path) -> PullConfig:
+    from .uplink.auth import read_token_file
+    from .uplink.pull import check_pull_binding
+
+    cfg = PullConfig(
+        enabled=s.boolean("enabled", False),
+        host=s.string("host", "127.0.0.1"),
+        port=s.integer("port", 8701, lo=0, hi=65535),
+        token_file=_path(s, "token_file", base_dir),
+    )
+    s.finish()
+    if cfg.enabled:
+        try:
+            token = read_token_file(cfg.token_file) if cfg.token_file else None
+            check_pull_binding(cfg.host, token)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(s.file, s.key("host"), cfg.host, f"a loopback address or a token_file ({exc})") from exc
     return cfg
 
 

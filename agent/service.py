@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import random
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from .alarms import AlarmEngine
 from .config import AgentConfig, load_config
 from .config_errors import ConfigError
 from .drivers.base import Frame
-from .drivers.modbus import ModbusTcpDriver
+from .drivers.modbus import make_modbus_driver
 from .drivers.sumitomo_f70 import F70Driver
 from .drivers.vibration_serial import SerialFrameReader
 from .kpi import KpiTracker
@@ -36,6 +37,7 @@ from .logutil import RateLimitedLog
 from .sources import PointsSource, VibrationSource
 from .systemd import Notifier
 from .uplink.buffer import SummaryBuffer
+from .uplink.clock import ClockMonitor
 from .uplink.push import Uploader
 from .uplink.schema import SCHEMA_VERSION, SchemaError
 
@@ -96,6 +98,8 @@ class Agent:
         self.watchdog_pings = 0
         self.api: Any = None
         self.state_store: StateStore | None = None
+        self.clock_monitor: ClockMonitor | None = None
+        self._pull_runner: Any = None
         self.alarms = AlarmEngine(config.alarms, config.alarm_response_s)
         self.alarm_events = 0
         self._last_eval_t = 0.0
@@ -166,7 +170,9 @@ class Agent:
         cfg = self.config
         self.notifier.status("starting: opening buffer")
         cfg.buffer_path.parent.mkdir(parents=True, exist_ok=True)
-        self.buffer = SummaryBuffer(cfg.buffer_path, synchronous=cfg.buffer_synchronous)
+        self.buffer = SummaryBuffer(cfg.buffer_path, synchronous=cfg.buffer_synchronous,
+                                    budget_bytes=cfg.buffer_budget_bytes)
+        self.clock_monitor = ClockMonitor(self.buffer)
         log.info("buffer %s open with %d undelivered summaries", cfg.buffer_path, self.buffer.depth())
         self.state_store = StateStore(cfg.buffer_path.with_name("state.sqlite"))
         restored = self.alarms.restore(self.state_store.load("alarms") or {})
@@ -178,6 +184,15 @@ class Agent:
         started = time.perf_counter()
         await asyncio.to_thread(dsp_warmup)
         log.info("analysis kernels ready in %.2f s", time.perf_counter() - started)
+
+        if cfg.pull.enabled:
+            from .uplink.auth import read_token_file
+            from .uplink.pull import start_pull_server
+
+            token = read_token_file(cfg.pull.token_file) if cfg.pull.token_file else None
+            self._pull_runner, port = await start_pull_server(self.buffer, host=cfg.pull.host, port=cfg.pull.port,
+                                                              token=token)
+            log.info("pull API on %s:%d", cfg.pull.host, port)
 
         if cfg.api.enabled:
             from .api import DiagnosticsApi
@@ -191,7 +206,9 @@ class Agent:
         if u.url:
             self.uploader = Uploader(self.buffer, u.url, gateway=self.config.gateway_id, batch_size=u.batch_size,
                                      timeout_s=u.timeout_s, backoff_initial_s=u.backoff_initial_s,
-                                     backoff_max_s=u.backoff_max_s)
+                                     backoff_max_s=u.backoff_max_s, token_file=u.token_file, ca_file=u.ca_file,
+                                     client_cert=u.client_cert, client_key=u.client_key,
+                                     retry_after_max_s=u.retry_after_max_s)
         else:
             self.uploader = None
             log.warning("no uplink url configured; summaries stay in the buffer")
@@ -229,7 +246,7 @@ class Agent:
             self.sources[vcfg.id] = state
             reader.start()
             state.tasks.append(self._supervise(state, "analyse", lambda s=source: s.run_analysis(self._sources_stop)))
-        point_drivers = [ModbusTcpDriver(m) for m in self.config.modbus] + [F70Driver(f) for f in self.config.f70]
+        point_drivers = [make_modbus_driver(m) for m in self.config.modbus] + [F70Driver(f) for f in self.config.f70]
         for driver in point_drivers:
             source_id = driver.config.id
             state = SourceState(source_id, "points", PointsSource(source_id), driver)
@@ -363,7 +380,9 @@ class Agent:
                              "alarm rules wait until it passes that time", now_wall, self._last_eval_t)
         else:
             self._last_eval_t = now_wall
+        batch: list[tuple[SourceState, dict[str, Any]]] = []
         for state in self.sources.values():
+            events: list[tuple[str, dict]] = []
             counters = self._counter_delta(state.id, getattr(state.driver, "counters", {}))
             features, quality, alarms = state.source.take_summary(counters)
             if partial:
@@ -398,22 +417,52 @@ class Agent:
                 "quality": quality,
                 "alarms": alarms,
             }
-            assert self.buffer is not None
-            try:
-                self.buffer.append(summary)
-            except SchemaError as exc:
-                # A bug, not bad input: the sources only build valid summaries.
-                self.summaries_rejected += 1
-                log.error("%s: summary rejected by the schema and not stored: %s", state.id, exc)
-                continue
-            self.summaries_written += 1
-            state.last_summary = summary
-            if self.on_summary is not None:
-                self.on_summary(summary)
+            batch.append((state, summary))
+            for kind, alarm in events:
+                # An alarm event is a summary of its own, so the buffer keeps it with the
+                # alarms (evicted last) and the central side sees it as soon as possible.
+                batch.append((state, {
+                    "v": SCHEMA_VERSION, "gateway": self.config.gateway_id, "source": state.id,
+                    "kind": "alarm", "t_start": now_wall, "t_end": now_wall, "duration_s": 0.0,
+                    "features": {"event": kind}, "quality": {}, "alarms": [alarm],
+                }))
+        self._append(batch)
         if self.uploader is not None:
             self.uploader.notify()
         self._window_start_mono = now_mono
         self._save_state()
+
+    def _append(self, batch: list[tuple[SourceState, dict[str, Any]]]) -> None:
+        """Store one period's summaries in one transaction (one SD-card flush)."""
+        assert self.buffer is not None
+        if not batch:
+            return
+        try:
+            self.buffer.append_many([summary for _, summary in batch])
+        except SchemaError as exc:
+            # A bug, not bad input: store the others and report the one that failed.
+            self.summaries_rejected += 1
+            bad = batch[exc.index][1]["source"] if exc.index is not None else "?"
+            log.error("%s: summary rejected by the schema and not stored: %s", bad, exc)
+            if exc.index is not None:
+                del batch[exc.index]
+                self._append(batch)
+            return
+        except (ValueError, sqlite3.Error) as exc:
+            self._errors.log(logging.ERROR, "append", "writing %d summaries to the buffer failed: %s",
+                             len(batch), exc)
+            return
+        for state, summary in batch:
+            self.summaries_written += 1
+            if summary["kind"] != "alarm":
+                state.last_summary = summary
+            if self.on_summary is not None:
+                self.on_summary(summary)
+        if self.clock_monitor is not None:
+            try:
+                self.clock_monitor.check()
+            except sqlite3.Error as exc:
+                self._errors.log(logging.ERROR, "clock", "correcting buffered summary times failed: %s", exc)
 
     def _save_state(self) -> None:
         if self.state_store is None:
@@ -494,6 +543,8 @@ class Agent:
             await self.uploader.aclose()
         if self.api is not None:
             await self.api.stop()
+        if self._pull_runner is not None:
+            await self._pull_runner.cleanup()
         if self.state_store is not None:
             self.state_store.close()
         if self.buffer is not None:

@@ -17,7 +17,7 @@ import msgpack
 
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
-KINDS = ("vibration", "points")
+KINDS = ("vibration", "points", "alarm")
 
 # Quality keys with a fixed meaning and type (see docs/uplink.md, "Clock quality flags").
 # clock_synced: False when t_start and t_end come from a wall clock that was not synchronised.
