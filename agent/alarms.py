@@ -209,9 +209,9 @@ class AlarmRule:
         value = float(self.last_value) if self.last_value is not None else 0.0
         limit = float(c.limit)
         if c.type == "forecast" and "time_to_crossing_s" in self.detail:
-            lead_h = self.detail["time_to_crossing_s"] / 3600.0
-            message = (f"{c.metric} reaches {c.limit:g} ({c.direction} limit) in {lead_h:.1f} h "
-                       f"(between {self.detail['earliest_s'] / 3600:.1f} and {self.detail['latest_s'] / 3600:.1f} h) "
+            message = (f"{c.metric} reaches {c.limit:g} ({c.direction} limit) in "
+                       f"{_duration(self.detail['time_to_crossing_s'])} (between "
+                       f"{_duration(self.detail['earliest_s'])} and {_duration(self.detail['latest_s'])}) "
                        f"at {self.detail['slope_per_h']:+.3g} per hour")
             value = float(self.detail["time_to_crossing_s"])
             limit = float(c.horizon_s)
@@ -288,6 +288,16 @@ class AlarmEngine:
                 continue
             restored += 1
         return restored
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "never"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def metric_value(features: dict[str, Any], metric: str) -> float | None:

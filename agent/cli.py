@@ -20,6 +20,12 @@ from .logutil import configure_logging
 log = logging.getLogger("agent")
 
 
+# Points a person watching a compressor or a power meter looks at first.
+DEMO_POINTS = ("operating_state", "low_pressure", "high_pressure", "helium_temperature", "total_power",
+               "voltage_l1", "frequency", "return_pressure", "water_inlet_temperature",
+               "helium_discharge_temperature")
+
+
 def format_summary_line(summary: dict[str, Any]) -> str:
     """Render one summary as a line for a person watching the agent."""
     clock = time.strftime("%H:%M:%S", time.localtime(summary["t_end"]))
@@ -28,9 +34,10 @@ def format_summary_line(summary: dict[str, Any]) -> str:
         head += " (last, partial window)"
     f = summary["features"]
     q = summary["quality"]
-    if summary["kind"] == "vibration":
-        if not f:
-            return f"{head} no analysis frames (frames received: {q.get('frames', 0)})"
+    if summary["kind"] == "alarm":
+        alarm = summary["alarms"][0]
+        return f"{head} ALARM {f.get('event', '?').upper()} [{alarm['grade']}] {alarm['name']}: {alarm['message']}"
+    if summary["kind"] == "vibration" and "velocity_rms_mm_s" in f:
         dominant = f["dominant_defect"]
         if f.get("bpfo_score") is None:
             indicator = "shaft speed unknown, no defect scored"
@@ -41,8 +48,12 @@ def format_summary_line(summary: dict[str, Any]) -> str:
             indicator = f"{dominant.upper()} {f[f'{dominant}_hz']:.1f} Hz score {f[f'{dominant}_score']:.1f}"
         return (f"{head} v_rms {f['velocity_rms_mm_s']:6.3f} mm/s zone {f['severity_zone']}  "
                 f"a_rms {f['accel_rms']:.3f} {f['unit']}  kurt {f['kurtosis']:.2f}  {indicator}")
+    if summary["kind"] == "vibration":
+        return f"{head} no analysis frames (frames received: {q.get('frames', 0)})"
     values = []
-    for name, point in list(f.items())[:5]:
+    points = [(name, point) for name, point in f.items() if isinstance(point, dict)]
+    preferred = [p for p in points if p[0] in DEMO_POINTS] or points
+    for name, point in preferred[:5]:
         last = point["last"]
         shown = f"{last:.4g}" if isinstance(last, float) else str(last)
         values.append(f"{name}={shown}{(' ' + point['unit']) if point.get('unit') else ''}")
@@ -115,14 +126,28 @@ def _cmd_warmup(args: argparse.Namespace) -> int:
 
 
 def _cmd_collect_serve(args: argparse.Namespace) -> int:
+    from .uplink import auth
+    from .uplink.collect import PollTarget
     from .uplink.collector import serve
+
+    try:
+        token = auth.read_token_file(args.token_file) if args.token_file else None
+        poll_token = auth.read_token_file(args.poll_token_file) if args.poll_token_file else None
+        ssl_context = auth.server_ssl_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+        poll_ssl = auth.client_ssl_context(args.poll_ca_file) if args.poll_ca_file else None
+        targets = [PollTarget(url, poll_token) for url in args.poll]
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await serve(args.db, host=args.host, port=args.port, port_file=args.port_file, stop=stop)
+        await serve(args.db, host=args.host, port=args.port, port_file=args.port_file, stop=stop, token=token,
+                    ssl_context=ssl_context, poll=targets, poll_interval_s=args.poll_interval,
+                    poll_ssl_context=poll_ssl)
 
     asyncio.run(main())
     return 0
@@ -135,15 +160,44 @@ def _cmd_collect_list(args: argparse.Namespace) -> int:
         print(f"error: collector database {args.db} not found; pass the --db used by 'edge-agent collect serve'",
               file=sys.stderr)
         return 2
+    from .uplink.collect import list_sources
+
     store = CollectorStore(args.db)
     try:
         if args.summaries:
             for summary in store.summaries(source=args.source):
                 print(json.dumps(summary, sort_keys=True))
         else:
-            print(format_table(store.table()))
+            print(format_table(list_sources(store)))
     finally:
         store.close()
+    return 0
+
+
+def _cmd_collect_export(args: argparse.Namespace) -> int:
+    from .uplink.collect import export_summaries
+    from .uplink.collector import CollectorStore
+
+    if not Path(args.db).exists():
+        print(f"error: collector database {args.db} not found; pass the --db used by 'edge-agent collect serve'",
+              file=sys.stderr)
+        return 2
+    store = CollectorStore(args.db)
+    try:
+        out = open(args.output, "w", encoding="utf-8", newline="") if args.output != "-" else sys.stdout
+        try:
+            count = export_summaries(store, out, fmt=args.format, gateway=args.gateway, source=args.source,
+                                     since=args.since, until=args.until,
+                                     features=args.features.split(",") if args.features else None)
+        finally:
+            if out is not sys.stdout:
+                out.close()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    print(f"exported {count} summaries", file=sys.stderr)
     return 0
 
 
@@ -245,12 +299,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8700, help="TCP port, 0 for an ephemeral port (default 8700)")
     p.add_argument("--port-file", default=None, help="write the bound port to this file once listening")
+    p.add_argument("--token-file", default=None, help="require this bearer token on pushes")
+    p.add_argument("--tls-cert", default=None, help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--tls-key", default=None, help="private key of --tls-cert, if not in the same file")
+    p.add_argument("--poll", action="append", default=[], metavar="URL",
+                   help="also poll this gateway's pull API (repeatable), e.g. http://10.0.0.5:8701")
+    p.add_argument("--poll-token-file", default=None, help="bearer token for the gateways' pull APIs")
+    p.add_argument("--poll-ca-file", default=None, help="CA file that signs the gateways' HTTPS certificates")
+    p.add_argument("--poll-interval", type=float, default=10.0, help="seconds between polls (default 10)")
     p.set_defaults(func=_cmd_collect_serve)
     p = csub.add_parser("list", help="print what the collector holds per source")
     p.add_argument("--db", default="collector.sqlite")
     p.add_argument("--summaries", action="store_true", help="print every stored summary as JSON instead of the table")
     p.add_argument("--source", default=None, help="with --summaries: only this source")
     p.set_defaults(func=_cmd_collect_list)
+    p = csub.add_parser("export", help="write stored summaries as JSON lines or CSV")
+    p.add_argument("--db", default="collector.sqlite")
+    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    p.add_argument("--output", default="-", help="file to write (default: standard output)")
+    p.add_argument("--gateway", default=None)
+    p.add_argument("--source", default=None)
+    p.add_argument("--since", type=float, default=None, help="only windows ending at or after this Unix time")
+    p.add_argument("--until", type=float, default=None, help="only windows starting before this Unix time")
+    p.add_argument("--features", default=None,
+                   help="comma-separated features for CSV columns, e.g. velocity_rms_mm_s,low_pressure.mean")
+    p.set_defaults(func=_cmd_collect_export)
 
     url_help = "the agent's diagnostics API (default http://127.0.0.1:8780, the [api] default)"
     p = sub.add_parser("status", help="print sources, alarms, buffer and uplink state of the running agent")

@@ -23,6 +23,10 @@ from .uplink.collector import CollectorStore, format_table
 from .dsp import frame_length_for
 
 STARTUP_TIMEOUT_S = 60.0
+# The compressor's helium leaks 120 times faster than in the scenario's real time, so the
+# forecast alarm and the warning it foresees both fall inside a one-minute demo.
+SCENARIO = "helium_pressure_loss"
+SCENARIO_SPEED = 120.0
 
 
 def _wait_for_file(path: Path, proc: subprocess.Popen, what: str, log_path: Path) -> str:
@@ -105,7 +109,8 @@ def run_demo(duration_s: float, recording: str | None, workdir: Path, config_pat
              "--port", "0", "--port-file", str(workdir / "collector.port")],
             stdout=collector_log.open("w"), stderr=subprocess.STDOUT, env=env)
         sim_cmd = [sys.executable, "-m", "firmware_sim.cli", "--manifest", str(workdir / "sim.json"),
-                   "--vibration", recording or "synthetic", "--sdm630", "--cpa"]
+                   "--vibration", recording or "synthetic", "--sdm630", "--cpa",
+                   "--scenario", SCENARIO, "--speed", str(SCENARIO_SPEED), "--vibration-speed", "1"]
         sim_endpoints = workdir / "sim.out"
         sim = subprocess.Popen(sim_cmd, stdout=sim_endpoints.open("w"), stderr=sim_log.open("w"), env=env)
 
@@ -141,6 +146,30 @@ def run_demo(duration_s: float, recording: str | None, workdir: Path, config_pat
     try:
         print("\nWhat the collector holds:")
         print(format_table(store.table()))
+        report = forecast_report(store.summaries())
+        if report:
+            print("\n" + report)
     finally:
         store.close()
     return 0
+
+
+def forecast_report(summaries: list[dict[str, Any]]) -> str:
+    """Describe each forecast alarm and how long before its limit alarm it came."""
+    raised: dict[str, float] = {}
+    for s in summaries:
+        if s["kind"] == "alarm" and s["features"].get("event") == "raised":
+            for alarm in s["alarms"]:
+                raised.setdefault(alarm["name"], s["t_end"])
+    lines = []
+    for name, t in sorted(raised.items(), key=lambda item: item[1]):
+        if not name.endswith("_forecast"):
+            continue
+        limit_name = name[: -len("_forecast")]
+        if limit_name in raised:
+            lead = raised[limit_name] - t
+            lines.append(f"Forecast alarm {name} came {lead:.0f} s before {limit_name} "
+                         f"({lead * SCENARIO_SPEED / 60:.0f} min of simulated time at {SCENARIO_SPEED:g}x).")
+        else:
+            lines.append(f"Forecast alarm {name} raised; {limit_name} had not happened when the demo ended.")
+    return "\n".join(lines)

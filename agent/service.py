@@ -385,6 +385,8 @@ class Agent:
             events: list[tuple[str, dict]] = []
             counters = self._counter_delta(state.id, getattr(state.driver, "counters", {}))
             features, quality, alarms = state.source.take_summary(counters)
+            if partial and not quality.get("frames") and not quality.get("polls"):
+                continue  # nothing arrived since the last summary: an empty window says nothing
             if partial:
                 quality["partial_window"] = True
             quality["restarts"] = state.restarts

@@ -64,6 +64,7 @@ def test_forecast_rule_gives_lead_time():
     lead_h = raised[0]["value"] / 3600.0
     assert 20.0 < lead_h < 30.0
     assert "reaches 70" in raised[0]["message"]
+    assert " h (between " in raised[0]["message"]
 
 
 def test_forecast_ignores_rising_trend():
