@@ -109,7 +109,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     from .config import load_config
 
     cfg = load_config(args.config)
-    print(f"{args.config}: valid ({len(cfg.vibration)} vibration and {len(cfg.modbus)} modbus sources)")
+    print(f"{args.config}: valid ({len(cfg.vibration)} vibration, {len(cfg.modbus)} Modbus and {len(cfg.f70)} F-70 "
+          f"sources, {len(cfg.alarms)} alarm rules)")
     return 0
 
 

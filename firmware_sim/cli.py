@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--link", default=None, help="also make this path a symlink to the pty (a stable port name)")
     p.add_argument("--sdm630", action="store_true", help="start the SDM630 power meter")
     p.add_argument("--cpa", action="store_true", help="start the Cryomech CPA compressor")
+    p.add_argument("--chiller", action="store_true", help="start the generic chiller (Modbus TCP)")
+    p.add_argument("--room", action="store_true", help="start the generic room-environment sensor (Modbus TCP)")
+    p.add_argument("--qm30vt2", action="store_true", help="start the Banner QM30VT2 vibration sensor (Modbus TCP)")
     p.add_argument("--f70", action="store_true", help="start the Sumitomo F-70 compressor on a pty (RS-232)")
     p.add_argument("--f70-link", default=None, help="also make this path a symlink to the F-70's pty")
     p.add_argument("--vibration-speed", type=float, default=None,
@@ -114,7 +117,9 @@ async def _run(args: argparse.Namespace) -> int:
             devices.append({"name": "vibration", "kind": "vibration", "path": sensor.path, "link": args.link,
                             "sample_rate": sensor.sample_rate, "shaft_rpm": rpm, "scale_g": sensor.scale,
                             "description": description})
-        for kind, enabled, port in (("sdm630", args.sdm630, args.sdm630_port), ("cpa", args.cpa, args.cpa_port)):
+        for kind, enabled, port in (("sdm630", args.sdm630, args.sdm630_port), ("cpa", args.cpa, args.cpa_port),
+                                    ("chiller", args.chiller, 0), ("room", args.room, 0),
+                                    ("qm30vt2", args.qm30vt2, 0)):
             if enabled:
                 device = await start_modbus_device(kind, host=args.host, port=port, seed=args.seed, speed=args.speed)
                 modbus.append(device)
@@ -129,7 +134,8 @@ async def _run(args: argparse.Namespace) -> int:
             targets["f70"] = f70
             devices.append({"name": "f70", "kind": "f70", "path": f70.path, "link": args.f70_link})
         if not devices:
-            print("error: no device selected; pass --vibration, --sdm630, --cpa or --f70", file=sys.stderr)
+            print("error: no device selected; pass --vibration, --sdm630, --cpa, --chiller, --room, --qm30vt2 "
+                  "or --f70", file=sys.stderr)
             return 2
 
         for d in devices:

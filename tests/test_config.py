@@ -129,3 +129,11 @@ def test_unwritable_cache_dir_rejected(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "cannot be created" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["mri-room.toml", "ct-room.toml"])
+def test_room_examples_load(name):
+    cfg = load_config(ROOT / "examples" / name)
+    assert cfg.vibration
+    assert cfg.modbus
+    assert cfg.alarms

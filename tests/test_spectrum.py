@@ -185,3 +185,12 @@ def test_batch_rejects_constant_frame():
     frames[1] = 0.5
     with pytest.raises(ValueError, match="frame 1 is constant"):
         FrameAnalyzer(12000.0, 4096).analyse_batch(frames)
+
+
+def test_shaft_speed_in_narrow_band():
+    fs, n = 25600.0, 8192
+    t = np.arange(n) / fs
+    x = np.sin(2 * np.pi * 24.6 * t) + 0.01 * np.random.default_rng(3).standard_normal(n)
+    speed, _ = estimate_shaft_speed(amplitude_spectrum(x), fs / n, (23.0, 25.5))
+    assert 23.0 <= speed <= 25.5
+    assert speed == pytest.approx(24.6, abs=0.5)

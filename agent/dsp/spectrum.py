@@ -164,13 +164,13 @@ def estimate_shaft_speed(amplitude, bin_hz: float, search_hz: tuple[float, float
     if hi * harmonics > (spec.size - 2) * bin_hz:
         raise ValueError(f"search band up to {hi:g} Hz with {harmonics} harmonics exceeds the spectrum; "
                          "lower the band or the harmonics")
-    if hi - lo < 2 * bin_hz:
-        raise ValueError(f"search band {search_hz!r} Hz is narrower than two bins of {bin_hz:g} Hz; widen it")
     best, score, median = k._harmonic_sum_kernel(spec, float(bin_hz), lo, hi, bin_hz / 4.0, harmonics)
     prominence = score / median if median > 0 else 0.0
-    peaks = spectral_peaks(spec, bin_hz, 1, (max(lo, best - 1.5 * bin_hz), min(hi, best + 1.5 * bin_hz)))
+    # Refine with the interpolated peak near the best candidate, kept inside the band (a
+    # band narrower than a bin relies on the interpolation alone).
+    peaks = spectral_peaks(spec, bin_hz, 1, (best - 1.5 * bin_hz, best + 1.5 * bin_hz))
     if peaks:
-        best = peaks[0][0]
+        best = min(hi, max(lo, peaks[0][0]))
     return float(best), float(prominence)
 
 
