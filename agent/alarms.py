@@ -7,8 +7,8 @@ rule watches one metric of one source, evaluated once per summary, and keeps thi
     inactive --condition holds--> pending --for min_duration_s--> active (event "raised")
     active --condition clear beyond the hysteresis--> inactive (event "cleared")
 
-An active alarm is listed in every summary of its source (so the central side always
-sees what is active) but raises its event once: repeats are not events. The detectors
+An active alarm is listed in every summary of its source, so the central side always
+knows what is active, but its event is written once: repeats are not events. The detectors
 behind baseline, rate and forecast rules keep their state in a plain dict that the
 service stores beside the buffer, so a restart resumes where it stopped.
 """

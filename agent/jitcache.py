@@ -1,4 +1,4 @@
-"""Where Numba keeps compiled kernels between runs.
+"""Location of the Numba cache that keeps compiled kernels between runs.
 
 A service restarted without a cache compiles every kernel again, which takes seconds on
 a gateway. The directory must be chosen before `agent.dsp` is imported, because Numba

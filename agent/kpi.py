@@ -1,8 +1,8 @@
 """Edge KPIs: device state time and fault episodes, energy, scans and energy per scan.
 
 The central side computes availability, MTTR and MTBF from the state times and the fault
-episodes; the gateway computes what needs the full-rate data: energy from the meter's
-counter and scans from the power signature between polls.
+episodes. The gateway computes what needs the full-rate data: energy from the meter's
+counter, and scans from the power signature between polls.
 """
 
 from __future__ import annotations

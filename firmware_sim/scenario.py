@@ -23,8 +23,8 @@ Actions every device understands:
 - `fault`: a transport fault (`kind`, and `duration_s`, `probability` where they
   apply), for example dropped replies or a server restart.
 
-What a quantity, event or fault means is up to each device model; a device raises
-ValueError for one it does not have, naming what it has.
+Each device model defines its quantities, events and faults. A device raises ValueError
+for one it does not have, naming the ones it has.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ BUILTIN_DIR = Path(__file__).with_name("scenarios")
 
 
 class ScenarioTarget(Protocol):
-    """What a simulated device implements to take part in scenarios."""
+    """Interface a simulated device implements to take part in scenarios."""
 
     def apply_step(self, step: "Step") -> None: ...
 
