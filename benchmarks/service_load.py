@@ -115,10 +115,15 @@ def main() -> int:
                 continue
             device["transport"] = "tcp"
             device["host"], device["port"] = sim_device["host"], sim_device["port"]
+            device["unit_id"] = sim_device["unit_id"]
             for key in ("baudrate", "parity", "stopbits", "bytesize"):
                 device.pop(key, None)
         for device in config.get("f70", []):
             device["port"] = str(work / "f70")
+        for channel in config.get("vibration", []):
+            # The simulated motor turns at 1797 rpm; keep a configured search band around it.
+            if "shaft_search_hz" in channel:
+                channel["shaft_search_hz"] = [28.0, 31.0]
         config_file = work / "agent.toml"
         config_file.write_text(tomli_w.dumps(config))
 

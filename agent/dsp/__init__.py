@@ -78,11 +78,9 @@ def rfft(x):
     arr = np.ascontiguousarray(x, dtype=np.float64)
     if arr.ndim != 1:
         raise ValueError(f"input shape {arr.shape} is invalid; rfft takes a 1-D array")
-    if not _fft._all_finite(arr):
+    out = _fft._rfft_checked(arr, fft_plan(arr.size).tables)
+    if out.size == 0:
         raise ValueError("input contains NaN or infinite values; rfft needs finite samples")
-    plan = fft_plan(arr.size)
-    out = np.empty(arr.size // 2 + 1, dtype=np.complex128)
-    _fft._rfft(arr, plan.tables, out)
     return out
 
 

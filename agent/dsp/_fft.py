@@ -469,3 +469,17 @@ class FftPlan:
 def fft_plan(n: int) -> FftPlan:
     """Return the cached plan for length `n`."""
     return FftPlan(n)
+
+
+@njit(cache=True, nogil=True)
+def _rfft_checked(x, tables):
+    """Return rfft(x), or an empty array when x holds NaN or infinity.
+
+    One compiled call for the public wrapper: the finiteness check, the output allocation
+    and the transform, so the wrapper pays one dispatch instead of three.
+    """
+    if not _all_finite(x):
+        return np.empty(0, dtype=np.complex128)
+    out = np.empty(x.size // 2 + 1, dtype=np.complex128)
+    _rfft(x, tables, out)
+    return out
