@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chiller", action="store_true", help="start the generic chiller (Modbus TCP)")
     p.add_argument("--room", action="store_true", help="start the generic room-environment sensor (Modbus TCP)")
     p.add_argument("--qm30vt2", action="store_true", help="start the Banner QM30VT2 vibration sensor (Modbus TCP)")
+    p.add_argument("--rtu-bus", default=None, metavar="LINK",
+                   help="serve the selected Modbus devices as RTU slaves on one pty RS-485 bus, with a stable "
+                        "symlink at LINK, instead of one Modbus TCP server each")
     p.add_argument("--f70", action="store_true", help="start the Sumitomo F-70 compressor on a pty (RS-232)")
     p.add_argument("--f70-link", default=None, help="also make this path a symlink to the F-70's pty")
     p.add_argument("--vibration-speed", type=float, default=None,
@@ -117,15 +120,27 @@ async def _run(args: argparse.Namespace) -> int:
             devices.append({"name": "vibration", "kind": "vibration", "path": sensor.path, "link": args.link,
                             "sample_rate": sensor.sample_rate, "shaft_rpm": rpm, "scale_g": sensor.scale,
                             "description": description})
-        for kind, enabled, port in (("sdm630", args.sdm630, args.sdm630_port), ("cpa", args.cpa, args.cpa_port),
-                                    ("chiller", args.chiller, 0), ("room", args.room, 0),
-                                    ("qm30vt2", args.qm30vt2, 0)):
-            if enabled:
-                device = await start_modbus_device(kind, host=args.host, port=port, seed=args.seed, speed=args.speed)
-                modbus.append(device)
+        selected = [(kind, port) for kind, enabled, port in (
+            ("sdm630", args.sdm630, args.sdm630_port), ("cpa", args.cpa, args.cpa_port),
+            ("chiller", args.chiller, 0), ("room", args.room, 0), ("qm30vt2", args.qm30vt2, 0)) if enabled]
+        if args.rtu_bus and selected:
+            from .modbus_devices import start_modbus_rtu_bus
+
+            bus = await start_modbus_rtu_bus([{"kind": kind, "name": kind} for kind, _ in selected],
+                                             transport="rtu", link=args.rtu_bus, seed=seed, speed=args.speed)
+            modbus.append(bus)
+            for kind, _ in selected:
+                device = bus.devices[kind]
                 targets[kind] = device
-                devices.append({"name": kind, "kind": kind, "host": device.host, "port": device.port,
-                                "unit_id": device.unit_id})
+                devices.append({"name": kind, "kind": kind, "transport": "rtu", "path": bus.path,
+                                "link": args.rtu_bus, "baudrate": bus.baudrate, "unit_id": device.unit_id})
+            selected = []
+        for kind, port in selected:
+            device = await start_modbus_device(kind, host=args.host, port=port, seed=args.seed, speed=args.speed)
+            modbus.append(device)
+            targets[kind] = device
+            devices.append({"name": kind, "kind": kind, "transport": "tcp", "host": device.host,
+                            "port": device.port, "unit_id": device.unit_id})
         if args.f70:
             from .sumitomo_f70 import start_f70
 
@@ -143,6 +158,9 @@ async def _run(args: argparse.Namespace) -> int:
                 where = d["path"] + (f" (link {d['link']})" if d["link"] else "")
                 print(f"{d['name']:<10} pty {where}  {d['sample_rate']} Hz  shaft {d['shaft_rpm']:g} rpm  "
                       f"{d['description']}", flush=True)
+            elif d.get("transport") == "rtu":
+                print(f"{d['name']:<10} modbus rtu {d['path']} (link {d['link']})  {d['baudrate']} 8N1  "
+                      f"unit {d['unit_id']}", flush=True)
             elif d["kind"] == "f70":
                 where = d["path"] + (f" (link {d['link']})" if d["link"] else "")
                 print(f"{d['name']:<10} pty {where}  9600 8N1  Sumitomo F-70 protocol", flush=True)
