@@ -369,7 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    # Logs share stdout with nothing but the service's journal, except where a command
+    # prints data there: then they go to stderr.
+    service = (args.command == "run" and args.echo == "none"
+               or args.command == "collect" and args.collect_command == "serve")
+    data_on_stdout = not service
+    configure_logging(args.log_level, sys.stderr if data_on_stdout else sys.stdout)
     try:
         _set_cache_dir(args)
         return args.func(args)

@@ -39,11 +39,15 @@ class RateLimitedLog:
         self._suppressed.pop(key, None)
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Send one line per record to stderr, the form the systemd journal expects."""
+def configure_logging(level: str = "INFO", stream=None) -> None:
+    """Write one line per record, the form the systemd journal expects.
+
+    Records go to stdout unless `stream` says otherwise; commands that print data on
+    stdout (`run --echo`) pass stderr so their output stays machine-readable.
+    """
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        stream=sys.stderr,
+        stream=stream or sys.stdout,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # httpx logs every request at INFO; the uploader logs failures and recoveries itself.

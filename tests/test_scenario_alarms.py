@@ -118,3 +118,37 @@ def test_bearing_growth_forecast_before_limit(tmp_path):
     assert forecast is not None, [s["features"].get("bpfi_envelope") for s in summaries]
     assert failure is not None, [s["features"].get("bpfi_envelope") for s in summaries]
     assert failure[0] - forecast[0] > 2.0
+
+
+def test_helium_loss_forecast_before_low_pressure(tmp_path):
+    # At 240x the charge starts leaking 2.5 s in; the return pressure crosses the 60 psi
+    # warning about 1.1 simulated hours (17 s) later.
+    speed = 240.0
+    sim = _start_sim(tmp_path, ["--vibration", "none", "--cpa", "--scenario", "helium_pressure_loss",
+                                "--speed", str(speed)])
+    try:
+        manifest = json.loads(_wait_for(tmp_path / "sim.json", sim))
+        cpa = next(d for d in manifest["devices"] if d["kind"] == "cpa")
+        config = _base_config(tmp_path)
+        config["modbus"] = [{"id": "compressor", "profile": "cryomech_cpa", "host": cpa["host"], "port": cpa["port"],
+                             "poll_interval_s": 0.25, "timeout_s": 0.5}]
+        config["alarm"] = [
+            {"name": "helium_forecast", "source": "compressor", "metric": "low_pressure", "type": "forecast",
+             "limit": 60.0, "direction": "lower", "horizon_s": 20.0, "window_s": 8.0, "learning_samples": 5,
+             "grade": "general"},
+            {"name": "helium_low", "source": "compressor", "metric": "low_pressure", "type": "below",
+             "limit": 60.0, "grade": "severe"},
+        ]
+        summaries = _run_agent(tmp_path, config, 26.0)
+    finally:
+        _stop(sim)
+
+    forecast = _first_alarm(summaries, "helium_forecast")
+    failure = _first_alarm(summaries, "helium_low")
+    assert forecast is not None, [s["features"].get("low_pressure") for s in summaries]
+    assert failure is not None
+    assert forecast[1]["grade"] == "general"
+    assert failure[1]["grade"] == "severe"
+    assert failure[0] - forecast[0] > 2.0
+    events = [s for s in summaries if s["kind"] == "alarm" and s["features"]["event"] == "raised"]
+    assert {e["alarms"][0]["name"] for e in events} >= {"helium_forecast", "helium_low"}

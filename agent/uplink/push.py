@@ -77,6 +77,8 @@ class UploadCounters:
     quarantined: int = 0
     last_error: str | None = None
     last_status: int | None = None
+    # Seconds the last successful POST took, from sending to the 2xx response.
+    last_latency_s: float | None = None
 
 
 class Uploader:
@@ -374,6 +376,7 @@ class Uploader:
         return UploadError(reason, status, retry_after_s)
 
     def _succeeded(self, count: int, response: httpx.Response) -> None:
+        self.counters.last_latency_s = response.elapsed.total_seconds()
         self.counters.batches_sent += 1
         self.counters.summaries_sent += count
         if self._consecutive_failures:
