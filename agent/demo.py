@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,6 +43,21 @@ def _wait_for_file(path: Path, proc: subprocess.Popen, what: str, log_path: Path
     raise RuntimeError(f"{what} not ready within {STARTUP_TIMEOUT_S:.0f} s; see {log_path}")
 
 
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _default_config() -> Path:
     candidates = [Path.cwd() / "examples" / "demo.toml", Path(__file__).resolve().parents[1] / "examples" / "demo.toml"]
     for candidate in candidates:
@@ -66,6 +82,9 @@ def build_agent_config(template: dict[str, Any], manifest: dict[str, Any], colle
         band = channel.get("envelope_band_hz", [2000.0, 5000.0])
         if band != "auto":
             channel["envelope_band_hz"] = [band[0], min(band[1], 0.45 * vib["sample_rate"])]
+    api = config.setdefault("api", {})
+    if api.get("enabled", True) and not _port_free(api.get("host", "127.0.0.1"), api.get("port", 8780)):
+        api["port"] = _free_port()
     profile_to_kind = {"cryomech_cpa": "cpa", "sdm630": "sdm630"}
     for device in config.get("modbus", []):
         sim = devices[profile_to_kind[device["profile"]]]
@@ -122,7 +141,11 @@ def run_demo(duration_s: float, recording: str | None, workdir: Path, config_pat
         config = build_agent_config(template, manifest, port, workdir)
         config_file = workdir / "agent.toml"
         config_file.write_text(tomli_w.dumps(config))
-        print(f"agent config {config_file}; agent log {agent_log}; running for {duration_s:g} s\n", flush=True)
+        api = config.get("api", {})
+        status_hint = (f"; while it runs: edge-agent status --url http://127.0.0.1:{api.get('port', 8780)}"
+                       if api.get("enabled", True) else "")
+        print(f"agent config {config_file}; agent log {agent_log}; running for {duration_s:g} s{status_hint}\n",
+              flush=True)
 
         agent = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "run", str(config_file), "--duration", str(duration_s),

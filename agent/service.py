@@ -198,7 +198,13 @@ class Agent:
             from .api import DiagnosticsApi
 
             self.api = DiagnosticsApi(self, cfg.api.host, cfg.api.port)
-            await self.api.start()
+            try:
+                await self.api.start()
+            except OSError as exc:
+                # Diagnostics are for people; monitoring the plant goes on without them.
+                log.error("diagnostics API not started: cannot listen on %s:%d (%s); change [api] port "
+                          "or stop what uses it", cfg.api.host, cfg.api.port, exc.strerror or exc)
+                self.api = None
 
     def _make_uploader(self) -> None:
         u = self.config.uplink
