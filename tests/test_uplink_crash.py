@@ -122,7 +122,10 @@ def test_kill9_loses_and_duplicates_nothing(tmp_path):
     stored = read_collector(collector_db)
     stored_by_seq = dict(stored)
     stored_uids = [uid for _, uid in stored]
-    assert len(commits) > 10 * KILLS
+    # The kills land at random moments, so the number of commits depends on the machine's
+    # load; the check only needs most runs to have committed something before their kill.
+    assert len(commits) > KILLS
+    assert len({uid.split("-")[0] for _, uid in commits}) >= KILLS // 2
     assert len({seq for seq, _ in commits}) == len(commits)
     missing = [(seq, uid) for seq, uid in commits if seq not in stored_by_seq]
     assert missing == []
