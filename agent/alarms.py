@@ -209,19 +209,23 @@ class AlarmRule:
         value = float(self.last_value) if self.last_value is not None else 0.0
         limit = float(c.limit)
         if c.type == "forecast" and "time_to_crossing_s" in self.detail:
-            message = (f"{c.metric} reaches {c.limit:g} ({c.direction} limit) in "
-                       f"{_duration(self.detail['time_to_crossing_s'])} (between "
-                       f"{_duration(self.detail['earliest_s'])} and {_duration(self.detail['latest_s'])}) "
-                       f"at {self.detail['slope_per_h']:+.3g} per hour")
+            lead = _duration(self.detail["time_to_crossing_s"])
+            low, high = _duration(self.detail["earliest_s"]), _duration(self.detail["latest_s"])
+            spread = f" (between {low} and {high})" if low != high else ""
+            message = (f"{c.metric} reaches {c.limit:g} ({c.direction} limit) in {lead}{spread}, "
+                       f"trend {_number(self.detail['slope_per_h'])} per hour")
             value = float(self.detail["time_to_crossing_s"])
             limit = float(c.horizon_s)
         elif c.type == "rate" and "slope_per_h" in self.detail:
-            message = f"{c.metric} changes by {self.detail['slope_per_h']:+.3g} per hour (limit {c.limit:+g})"
+            message = f"{c.metric} changes by {_number(self.detail['slope_per_h'])} per hour (limit {c.limit:+g})"
             value = float(self.detail["slope_per_h"])
         elif c.type == "baseline" and "z" in self.detail:
             message = f"{c.metric} = {value:.4g} is {self.detail['z']:+.1f} sd from its baseline {self.detail['baseline']:.4g}"
         elif c.type == "change":
             message = f"{c.metric} changed level ({self.detail.get('direction', '?')}, {self.detail.get('detector', '?')})"
+        elif event == "cleared":
+            relation = "back below" if c.type == "above" else "back above"
+            message = f"{c.metric} = {value:.4g} is {relation} the limit {c.limit:g}"
         else:
             relation = "above" if c.type == "above" else "below"
             message = f"{c.metric} = {value:.4g} is {relation} the limit {c.limit:g}"
@@ -288,6 +292,13 @@ class AlarmEngine:
                 continue
             restored += 1
         return restored
+
+
+def _number(value: float) -> str:
+    """Format a signed value without scientific notation for everyday magnitudes."""
+    if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
+        return f"{value:+.3g}"
+    return f"{value:+,.4g}" if abs(value) >= 1000 else f"{value:+.4g}"
 
 
 def _duration(seconds: float) -> str:

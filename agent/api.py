@@ -29,12 +29,27 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _last_error(state: Any) -> tuple[str | None, float | None]:
+    """Return the newer of the supervisor's and the source's last error, with its time."""
+    candidates = [(state.last_error_at, state.last_error),
+                  (getattr(state.source, "last_error_at", None), getattr(state.source, "last_error", None))]
+    candidates = [(t, e) for t, e in candidates if t is not None]
+    if not candidates:
+        return None, None
+    t, error = max(candidates, key=lambda c: c[0])
+    return error, t
+
+
 def _source_state(state: Any) -> str:
     driver = state.driver
     connected = getattr(driver, "connected", None)
     if connected is False:
         return "disconnected"
-    if state.last_error_at is not None and time.time() - state.last_error_at < 60:
+    source = state.source
+    if state.kind == "vibration" and source.analyzer is None and source.counters.get("frames", 0) > 0:
+        return "not analysing"
+    _, at = _last_error(state)
+    if at is not None and time.time() - at < 60:
         return "failing"
     return "ok"
 
@@ -57,7 +72,7 @@ def build_status(agent: Agent) -> dict[str, Any]:
             "kind": state.kind,
             "state": _source_state(state),
             "restarts": state.restarts,
-            "last_error": state.last_error,
+            "last_error": _last_error(state)[0],
             "counters": counters,
             "last_summary_end": summary.get("t_end"),
         }
@@ -119,8 +134,9 @@ class _AgentMetrics:
         for state in agent.sources.values():
             c = dict(getattr(state.driver, "counters", {}))
             reads.add_metric([state.id], c.get("frames", c.get("polls", 0)))
-            errors.add_metric([state.id], sum(c.get(k, 0) for k in ("errors", "bad_crc", "bad_header", "timeouts",
-                                                                     "read_errors", "crc_errors")))
+            source_errors = getattr(state.source, "counters", {}).get("invalid_frames", 0)
+            errors.add_metric([state.id], source_errors + sum(c.get(k, 0) for k in (
+                "errors", "bad_crc", "bad_header", "timeouts", "read_errors", "crc_errors")))
             reconnects.add_metric([state.id], c.get("reconnects", c.get("reopens", 0)))
             dropped.add_metric([state.id], c.get("missing_frames", 0))
             restarts.add_metric([state.id], state.restarts)

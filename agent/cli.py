@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -150,7 +151,15 @@ def _cmd_collect_serve(args: argparse.Namespace) -> int:
                     ssl_context=ssl_context, poll=targets, poll_interval_s=args.poll_interval,
                     poll_ssl_context=poll_ssl)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        print(f"error: collector cannot start: {exc.strerror or exc}; choose another --port or --db", file=sys.stderr)
+        return 2
+    except sqlite3.DatabaseError as exc:
+        print(f"error: {args.db} is not a collector database ({exc}); pass a new or existing collector file",
+              file=sys.stderr)
+        return 2
     return 0
 
 
@@ -163,7 +172,11 @@ def _cmd_collect_list(args: argparse.Namespace) -> int:
         return 2
     from .uplink.collect import list_sources
 
-    store = CollectorStore(args.db)
+    try:
+        store = CollectorStore(args.db)
+    except sqlite3.DatabaseError as exc:
+        print(f"error: {args.db} is not a collector database ({exc})", file=sys.stderr)
+        return 2
     try:
         if args.summaries:
             for summary in store.summaries(source=args.source):
@@ -183,7 +196,11 @@ def _cmd_collect_export(args: argparse.Namespace) -> int:
         print(f"error: collector database {args.db} not found; pass the --db used by 'edge-agent collect serve'",
               file=sys.stderr)
         return 2
-    store = CollectorStore(args.db)
+    try:
+        store = CollectorStore(args.db)
+    except sqlite3.DatabaseError as exc:
+        print(f"error: {args.db} is not a collector database ({exc})", file=sys.stderr)
+        return 2
     try:
         out = open(args.output, "w", encoding="utf-8", newline="") if args.output != "-" else sys.stdout
         try:
@@ -196,6 +213,10 @@ def _cmd_collect_export(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader (head, less) closed the pipe early: not an error of the export.
+        sys.stdout = None
+        return 0
     finally:
         store.close()
     print(f"exported {count} summaries", file=sys.stderr)

@@ -152,6 +152,7 @@ def parse_config(data: dict[str, Any], file: str, base_dir: Path) -> AgentConfig
                               "a source id used by only one [[vibration]], [[modbus]] or [[f70]] entry")
     check_sources(file, "alarm", alarms, set(ids))
     check_sources(file, "kpi", kpis, set(ids))
+    _check_metrics(file, vibration, modbus, f70, alarms, kpis)
     names = [f"{a.source}/{a.name}" for a in alarms]
     for i, name in enumerate(names):
         if names.count(name) > 1:
@@ -171,6 +172,46 @@ def _path(s: Section, name: str, base_dir: Path, must_exist: bool = True) -> Pat
     if must_exist and not path.is_file():
         raise ConfigError(s.file, s.key(name), value, f"an existing, readable file ({path} not found)")
     return path
+
+
+# Features the KPI tables add to a source's summaries; alarm rules may watch them too.
+KPI_METRICS = {"energy_kwh", "energy_kwh_per_h", "scans", "scan_energy_kwh", "energy_per_scan_kwh",
+               "operating_hours", "time_normal_s", "time_degraded_s", "time_fault_s"}
+
+
+def _source_metrics(vibration, modbus, f70) -> dict[str, set[str]]:
+    from .drivers.sumitomo_f70 import ALARM_BITS, PRESSURE_POINTS, TEMPERATURE_POINTS
+    from .sources import vibration_metric_names
+
+    metrics: dict[str, set[str]] = {v.id: vibration_metric_names(v) for v in vibration}
+    for m in modbus:
+        names = set()
+        for point in m.points:
+            names.add(point.name)
+            if point.type == "bitfield":
+                names |= {f"{point.name}.{bit}" for bit, _ in point.bits}
+                names.add(f"{point.name}.active")
+        metrics[m.id] = names
+    f70_names = set(TEMPERATURE_POINTS) | set(PRESSURE_POINTS) | {f"alarm_{name}" for _, name in ALARM_BITS}
+    f70_names |= {"status_word", "operating_state", "system_on", "solenoid_on", "db25_config_2", "alarm_active",
+                  "operating_hours"}
+    for f in f70:
+        metrics[f.id] = f70_names
+    return metrics
+
+
+def _check_metrics(file: str, vibration, modbus, f70, alarms, kpis) -> None:
+    """Reject alarm metrics and KPI points that the source never reports (a typo would
+    silently disable the alarm)."""
+    metrics = _source_metrics(vibration, modbus, f70)
+    for kind, items, attribute, extra in (("kpi", kpis, "point", set()), ("alarm", alarms, "metric", KPI_METRICS)):
+        for i, item in enumerate(items):
+            known = metrics.get(item.source, set()) | extra
+            value = getattr(item, attribute)
+            if value not in known:
+                close = sorted(name for name in known if name[:4] == value[:4]) or sorted(known)[:12]
+                raise ConfigError(file, f"{kind}[{i}].{attribute}", value,
+                                  f"a metric that source {item.source!r} reports, such as " + ", ".join(close[:12]))
 
 
 def _parse_uplink(s: Section, base_dir: Path) -> UplinkConfig:

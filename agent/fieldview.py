@@ -79,7 +79,7 @@ def render_status(status: dict[str, Any]) -> Group:
         else:
             units = s.get("units", {})
             values = ", ".join(f"{k}={_value(v, units.get(k))}" for k, v in list(s.get("values", {}).items())[:6]) or "-"
-        style = {"ok": "green", "failing": "red", "disconnected": "yellow"}.get(s["state"], "")
+        style = {"ok": "green", "failing": "red", "disconnected": "yellow", "not analysing": "red"}.get(s["state"], "")
         sources.add_row(s["id"], s["kind"], Text(s["state"], style=style), values, str(errors), str(s["restarts"]))
 
     alarms = Table(title="active alarms", expand=True)

@@ -64,6 +64,7 @@ class SourceState:
     driver: Any
     tasks: list[asyncio.Task] = field(default_factory=list)
     kpi: KpiTracker | None = None
+    builtin_alarms: dict[str, dict[str, Any]] = field(default_factory=dict)
     restarts: int = 0
     last_error: str | None = None
     last_error_at: float | None = None
@@ -396,14 +397,17 @@ class Agent:
             if partial:
                 quality["partial_window"] = True
             quality["restarts"] = state.restarts
+            if features:
+                events = self._builtin_events(state, alarms)
             if evaluate and features:
-                active, events = self.alarms.evaluate(state.id, now_wall, features)
+                active, rule_events = self.alarms.evaluate(state.id, now_wall, features)
                 alarms = alarms + active
-                for kind, alarm in events:
-                    self.alarm_events += 1
-                    level = logging.WARNING if kind == "raised" else logging.INFO
-                    log.log(level, "%s: alarm %s %s (%s): %s", state.id, alarm["name"], kind, alarm["grade"],
-                            alarm["message"])
+                events += rule_events
+            for kind, alarm in events:
+                self.alarm_events += 1
+                level = logging.WARNING if kind == "raised" else logging.INFO
+                log.log(level, "%s: alarm %s %s (%s): %s", state.id, alarm["name"], kind, alarm["grade"],
+                        alarm["message"])
             if state.kpi is not None:
                 kpis, episodes = state.kpi.summarise(features, alarms, t_start, now_wall, duration)
                 features = {**features, **kpis}
@@ -439,6 +443,18 @@ class Agent:
             self.uploader.notify()
         self._window_start_mono = now_mono
         self._save_state()
+
+    def _builtin_events(self, state: SourceState, alarms: list[dict]) -> list[tuple[str, dict]]:
+        """Turn the source's own alarms (severity zone, bearing defect) into raise and clear
+        events by comparing them with the previous window's."""
+        current = {a["name"]: a for a in alarms}
+        previous = state.builtin_alarms
+        events = [("raised", a) for name, a in current.items() if name not in previous]
+        for name, alarm in previous.items():
+            if name not in current:
+                events.append(("cleared", {**alarm, "message": f"cleared: {alarm['message']}"}))
+        state.builtin_alarms = current
+        return events
 
     def _append(self, batch: list[tuple[SourceState, dict[str, Any]]]) -> None:
         """Store one period's summaries in one transaction (one SD-card flush)."""

@@ -44,6 +44,20 @@ BAND_SELECTION_FRAMES = 8
 MIN_SPEED_PROMINENCE = 2.0
 
 
+def vibration_metric_names(cfg: VibrationConfig) -> set[str]:
+    """Return the feature names a vibration source's summaries carry (alarm rules use them)."""
+    names = {"accel_rms", "accel_peak", "peak_to_peak", "crest_factor", "kurtosis", "skewness",
+             "velocity_rms_mm_s", "envelope_rms", "shaft_hz", "dsp_ms_per_frame", "bpfi_sideband_score",
+             "shaft_speed_prominence", "sample_rate_hz", "frame_length"}
+    for name in DEFECTS:
+        names |= {f"{name}_hz", f"{name}_envelope", f"{name}_score"}
+    for lo, hi in cfg.bands_hz:
+        names.add(f"band_{lo:g}_{hi:g}_hz_rms")
+    for i in range(1, cfg.peaks + 1):
+        names |= {f"peak{i}_hz", f"peak{i}_amplitude"}
+    return names
+
+
 class VibrationSource:
     """Assemble analysis frames from a sensor's frame stream and aggregate their features.
 
@@ -65,6 +79,8 @@ class VibrationSource:
         self._pending: deque[np.ndarray] = deque()
         self._wake = asyncio.Event()
         self._errors = RateLimitedLog(log)
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
         self.counters = {"frames": 0, "analysis_frames": 0, "analysis_dropped": 0,
                          "invalid_frames": 0, "stream_restarts": 0}
         self._window = _VibrationWindow()
@@ -72,11 +88,17 @@ class VibrationSource:
         # The last window's averaged spectra, for the diagnostics API (plain lists).
         self.latest_spectrum: dict[str, Any] | None = None
 
+    def _error(self, level: int, key: str, msg: str, *args: object) -> None:
+        """Log (rate-limited) and remember the error for the diagnostics."""
+        self.last_error = msg % args
+        self.last_error_at = time.time()
+        self._errors.log(level, key, msg, *args)
+
     def add_frame(self, frame: Frame) -> None:
         """Take one received frame (call from the event loop thread)."""
         if self.cfg.channel >= frame.n_channels:
             self.counters["invalid_frames"] += 1
-            self._errors.log(logging.ERROR, "channel", "%s: configured channel %d is not in a %d-channel stream",
+            self._error(logging.ERROR, "channel", "%s: configured channel %d is not in a %d-channel stream",
                              self.id, self.cfg.channel, frame.n_channels)
             return
         self.counters["frames"] += 1
@@ -131,7 +153,7 @@ class VibrationSource:
             self.analyzer = None
             self._sample_rate = None
             self.counters["invalid_frames"] += 1
-            self._errors.log(logging.ERROR, "config", "%s: cannot analyse a %g Hz stream: %s", self.id, sample_rate, exc)
+            self._error(logging.ERROR, "config", "%s: cannot analyse a %g Hz stream: %s", self.id, sample_rate, exc)
             return
         bin_hz = self.analyzer.bin_hz
         speed = self.cfg.shaft_hz if self.cfg.shaft_hz is not None else self.cfg.shaft_search_hz[0]
@@ -163,7 +185,7 @@ class VibrationSource:
         except ValueError as exc:
             self._pending.popleft()
             self.counters["invalid_frames"] += 1
-            self._errors.log(logging.WARNING, "band", "%s: envelope band selection failed: %s", self.id, exc)
+            self._error(logging.WARNING, "band", "%s: envelope band selection failed: %s", self.id, exc)
             return
         if rate != self._sample_rate:
             return  # the stream restarted while the band was being chosen
@@ -185,7 +207,7 @@ class VibrationSource:
             except ValueError as exc:
                 self.counters["invalid_frames"] += 1
                 self._window.invalid += 1
-                self._errors.log(logging.WARNING, "analyse", "%s: analysis frame rejected: %s", self.id, exc)
+                self._error(logging.WARNING, "analyse", "%s: analysis frame rejected: %s", self.id, exc)
                 continue
             self._window.add(features, time.perf_counter() - started)
             self.counters["analysis_frames"] += 1
@@ -242,7 +264,7 @@ class VibrationSource:
                 shaft_hz, prominence = estimate_shaft_speed(spectrum, analyzer.bin_hz, cfg.shaft_search_hz,
                                                             cfg.shaft_harmonics)
             except ValueError as exc:
-                self._errors.log(logging.ERROR, "speed", "%s: shaft speed estimation failed: %s", self.id, exc)
+                self._error(logging.ERROR, "speed", "%s: shaft speed estimation failed: %s", self.id, exc)
                 shaft_hz, prominence = None, 0.0
             features["shaft_speed_prominence"] = prominence
             if prominence < MIN_SPEED_PROMINENCE:
@@ -258,7 +280,7 @@ class VibrationSource:
                                                harmonics=cfg.defect_harmonics, tolerance=cfg.defect_tolerance,
                                                threshold=cfg.defect_threshold)
             except ValueError as exc:
-                self._errors.log(logging.ERROR, "defects", "%s: defect scoring failed: %s", self.id, exc)
+                self._error(logging.ERROR, "defects", "%s: defect scoring failed: %s", self.id, exc)
         features["dominant_defect"] = indicators.dominant if indicators else None
         for name in DEFECTS:
             features[f"{name}_hz"] = indicators.frequencies_hz[name] if indicators else None
@@ -271,7 +293,7 @@ class VibrationSource:
             features[name] = None
         if nonfinite:
             quality["nonfinite_features"] = len(nonfinite)
-            self._errors.log(logging.ERROR, "nonfinite", "%s: non-finite features left out of the summary: %s",
+            self._error(logging.ERROR, "nonfinite", "%s: non-finite features left out of the summary: %s",
                              self.id, ", ".join(nonfinite))
 
         self.latest_spectrum = {

@@ -28,7 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vibration", default="synthetic",
                    help="'synthetic' (bearing-defect model, default), 'none', or the path of a CWRU .mat recording")
     p.add_argument("--fault", choices=FAULTS, default="inner", help="synthetic bearing defect (default inner)")
-    p.add_argument("--sample-rate", type=int, default=25600, help="synthetic stream sample rate in Hz (default 25600)")
+    p.add_argument("--sample-rate", type=int, default=None,
+                   help="sample rate in Hz: of the synthetic stream (default 25600), or of a recording whose "
+                        "rate is not in the built-in list of CWRU files")
+    p.add_argument("--file-number", type=int, default=None,
+                   help="CWRU file number of a recording whose name does not start with it (e.g. 105)")
     p.add_argument("--shaft-rpm", type=float, default=1797.0, help="synthetic shaft speed in rpm (default 1797)")
     p.add_argument("--samples-per-frame", type=int, default=256, help="samples per stream frame (default 256)")
     p.add_argument("--speed", type=float, default=1.0,
@@ -77,9 +81,10 @@ def _peak_with_scenario(source: Any, scenario: Scenario | None) -> float:
 def _make_source(args: argparse.Namespace) -> tuple[Any, float, str]:
     if args.vibration == "synthetic":
         shaft_hz = args.shaft_rpm / 60.0
-        source = SyntheticBearing(sample_rate=args.sample_rate, shaft_hz=shaft_hz, fault=args.fault, seed=args.seed)
+        source = SyntheticBearing(sample_rate=args.sample_rate or 25600, shaft_hz=shaft_hz, fault=args.fault,
+                                  seed=args.seed)
         return source, args.shaft_rpm, f"synthetic bearing, {args.fault} defect"
-    source = Recording(args.vibration)
+    source = Recording(args.vibration, sample_rate=args.sample_rate, file_number=args.file_number)
     if source.rpm is None:
         raise ValueError(f"{args.vibration} has no shaft speed variable; it cannot drive the demo analysis")
     return source, source.rpm, f"recording {Path(args.vibration).name} ({source.variable})"

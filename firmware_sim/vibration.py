@@ -267,7 +267,7 @@ class Recording:
             if sample_rate is None:
                 raise ValueError(
                     f"sample rate of {self.path.name} (file {file_number}) is unknown; "
-                    f"pass sample_rate= (12000 or 48000 for CWRU files)"
+                    f"pass --sample-rate (sample_rate= in Python; 12000 or 48000 for CWRU files)"
                 )
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1:
             raise ValueError(f"invalid sample_rate {sample_rate!r}: use a positive integer in Hz")
@@ -279,7 +279,7 @@ class Recording:
             present = sorted(k for k in contents if not k.startswith("__"))
             raise KeyError(
                 f"{self.path.name} has no variable {self.variable} (it has {present}); "
-                f"choose another channel or pass file_number="
+                f"choose another channel or pass --file-number (file_number= in Python)"
             )
         data = np.asarray(contents[self.variable], dtype=np.float64).reshape(-1)
         if data.size == 0:
@@ -320,7 +320,7 @@ def _file_number_from_name(path: Path) -> int:
     if match is None:
         raise ValueError(
             f"cannot tell the CWRU file number from the name {path.name!r}; "
-            f"rename it to <number>.mat or pass file_number="
+            f"rename it to <number>.mat or pass --file-number (file_number= in Python)"
         )
     return int(match.group())
 

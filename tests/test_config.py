@@ -137,3 +137,13 @@ def test_room_examples_load(name):
     assert cfg.vibration
     assert cfg.modbus
     assert cfg.alarms
+
+
+def test_alarm_metric_typo_named(tmp_path):
+    text = (ROOT / "examples" / "demo.toml").read_text().replace('metric = "low_pressure"', 'metric = "low_presure"', 1)
+    path = tmp_path / "typo.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.key == "alarm[0].metric"
+    assert "low_pressure" in str(err.value)

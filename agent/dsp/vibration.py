@@ -97,7 +97,7 @@ class FrameAnalyzer:
             if hi > nyquist:
                 raise ValueError(
                     f"{name} {lo}-{hi} Hz reaches above the Nyquist frequency {nyquist:g} Hz of a "
-                    f"{sample_rate:g} Hz stream; lower the band's upper edge")
+                    f"{sample_rate:g} Hz stream; choose a band below {nyquist:g} Hz")
             if hi - lo < 2 * df:
                 raise ValueError(
                     f"{name} {lo}-{hi} Hz is narrower than two FFT bins ({df:.3g} Hz each); "
