@@ -163,19 +163,27 @@ def _cmd_collect_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_collect_list(args: argparse.Namespace) -> int:
-    from .uplink.collector import CollectorStore, format_table
+def _open_store(db: str):
+    """Open an existing collector database, or print why not and return None."""
+    from .uplink.collector import CollectorStore
 
-    if not Path(args.db).exists():
-        print(f"error: collector database {args.db} not found; pass the --db used by 'edge-agent collect serve'",
+    if not Path(db).exists():
+        print(f"error: collector database {db} not found; pass the --db used by 'edge-agent collect serve'",
               file=sys.stderr)
-        return 2
-    from .uplink.collect import list_sources
-
+        return None
     try:
-        store = CollectorStore(args.db)
+        return CollectorStore(db)
     except sqlite3.DatabaseError as exc:
-        print(f"error: {args.db} is not a collector database ({exc})", file=sys.stderr)
+        print(f"error: {db} is not a collector database ({exc})", file=sys.stderr)
+        return None
+
+
+def _cmd_collect_list(args: argparse.Namespace) -> int:
+    from .uplink.collect import list_sources
+    from .uplink.collector import format_table
+
+    store = _open_store(args.db)
+    if store is None:
         return 2
     try:
         if args.summaries:
@@ -190,16 +198,9 @@ def _cmd_collect_list(args: argparse.Namespace) -> int:
 
 def _cmd_collect_export(args: argparse.Namespace) -> int:
     from .uplink.collect import export_summaries
-    from .uplink.collector import CollectorStore
 
-    if not Path(args.db).exists():
-        print(f"error: collector database {args.db} not found; pass the --db used by 'edge-agent collect serve'",
-              file=sys.stderr)
-        return 2
-    try:
-        store = CollectorStore(args.db)
-    except sqlite3.DatabaseError as exc:
-        print(f"error: {args.db} is not a collector database ({exc})", file=sys.stderr)
+    store = _open_store(args.db)
+    if store is None:
         return 2
     try:
         out = open(args.output, "w", encoding="utf-8", newline="") if args.output != "-" else sys.stdout

@@ -106,29 +106,28 @@ class CollectorStore:
         Returns (stored, duplicates): a summary whose (gateway, seq) is already stored,
         or repeats within the batch, counts as a duplicate and keeps the first copy.
         """
-        if len(summaries) != len(bodies):
-            raise ValueError(f"got {len(summaries)} summaries but {len(bodies)} bodies; pass one body per summary")
         received = time.time()
-        rows = [
-            (s["gateway"], s["seq"], s["source"], s["kind"], s["t_start"], s["t_end"], received, bytes(body))
-            for s, body in zip(summaries, bodies)
-        ]
+        rows = _summary_rows(summaries, bodies, received)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                before = self._db.total_changes
-                self._db.executemany(
-                    "INSERT OR IGNORE INTO summaries"
-                    " (gateway, seq, source, kind, t_start, t_end, received, body)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
-                stored = self._db.total_changes - before
+                stored = self._insert_rows(rows)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
         return stored, len(rows) - stored
+
+    def _insert_rows(self, rows: list[tuple]) -> int:
+        """Insert summary rows inside the caller's transaction; return how many were new."""
+        before = self._db.total_changes
+        self._db.executemany(
+            "INSERT OR IGNORE INTO summaries"
+            " (gateway, seq, source, kind, t_start, t_end, received, body)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        return self._db.total_changes - before
 
     def insert_pulled(
         self,
@@ -143,24 +142,12 @@ class CollectorStore:
         `rejected` contains (seq or None, error, raw bytes) of items that failed validation.
         Returns (stored, duplicates) as `insert_batch` does.
         """
-        if len(summaries) != len(bodies):
-            raise ValueError(f"got {len(summaries)} summaries but {len(bodies)} bodies; pass one body per summary")
         received = time.time()
-        rows = [
-            (s["gateway"], s["seq"], s["source"], s["kind"], s["t_start"], s["t_end"], received, bytes(body))
-            for s, body in zip(summaries, bodies)
-        ]
+        rows = _summary_rows(summaries, bodies, received)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                before = self._db.total_changes
-                self._db.executemany(
-                    "INSERT OR IGNORE INTO summaries"
-                    " (gateway, seq, source, kind, t_start, t_end, received, body)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
-                stored = self._db.total_changes - before
+                stored = self._insert_rows(rows)
                 self._db.executemany(
                     "INSERT INTO rejected (origin, seq, error, received, body) VALUES (?, ?, ?, ?, ?)",
                     [(url, seq, error, received, bytes(raw)) for seq, error, raw in rejected],
@@ -411,6 +398,15 @@ def _write_port_file(path: Path, port: int) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.write_text(f"{port}\n", encoding="ascii")
     os.replace(temporary, path)
+
+
+def _summary_rows(summaries: list[dict[str, Any]], bodies: list[bytes], received: float) -> list[tuple]:
+    if len(summaries) != len(bodies):
+        raise ValueError(f"got {len(summaries)} summaries but {len(bodies)} bodies; pass one body per summary")
+    return [
+        (s["gateway"], s["seq"], s["source"], s["kind"], s["t_start"], s["t_end"], received, bytes(body))
+        for s, body in zip(summaries, bodies)
+    ]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
