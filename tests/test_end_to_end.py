@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -41,8 +42,12 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-@pytest.fixture
-def chain(tmp_path):
+@contextlib.contextmanager
+def running_chain(tmp_path: Path, speed: float):
+    """Start a collector and the simulators (accelerometer, SDM630, CPA) as processes.
+
+    Yields (collector port, simulator manifest, collector process).
+    """
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     logs = {name: (tmp_path / f"{name}.log").open("w") for name in ("collector", "sim")}
     collector = subprocess.Popen(
@@ -51,17 +56,23 @@ def chain(tmp_path):
         stdout=logs["collector"], stderr=subprocess.STDOUT, env=env)
     sim = subprocess.Popen(
         [sys.executable, "-m", "firmware_sim.cli", "--manifest", str(tmp_path / "sim.json"),
-         "--vibration", "synthetic", "--fault", "inner", "--sdm630", "--cpa", "--speed", "4"],
+         "--vibration", "synthetic", "--fault", "inner", "--sdm630", "--cpa", "--speed", str(speed)],
         stdout=logs["sim"], stderr=subprocess.STDOUT, env=env)
     try:
         port = int(_wait_for(tmp_path / "collector.port", collector))
         manifest = json.loads(_wait_for(tmp_path / "sim.json", sim))
-        yield tmp_path, port, manifest
+        yield port, manifest, collector
     finally:
         _stop(sim)
         _stop(collector)
         for f in logs.values():
             f.close()
+
+
+@pytest.fixture
+def chain(tmp_path):
+    with running_chain(tmp_path, speed=4) as (port, manifest, _):
+        yield tmp_path, port, manifest
 
 
 def test_chain_delivers_every_summary_once(chain):

@@ -6,6 +6,7 @@ import asyncio
 import io
 import socket
 import threading
+import time
 
 import pytest
 from rich.console import Console
@@ -35,6 +36,13 @@ def running_agent(sims):  # noqa: F811
     thread = threading.Thread(target=loop.run_until_complete, args=(agent.run(duration_s=30.0),), daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            fetch(url, "/v1/status", timeout_s=1.0)
+            break
+        except ApiError:
+            time.sleep(0.2)
     try:
         yield url, agent
     finally:
@@ -43,8 +51,6 @@ def running_agent(sims):  # noqa: F811
 
 
 def _wait_for_summary(url: str, timeout_s: float = 20.0) -> dict:
-    import time
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:

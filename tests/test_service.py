@@ -21,7 +21,7 @@ from agent.demo import build_agent_config
 from agent.service import Agent
 from agent.uplink.collector import CollectorStore
 
-from .test_end_to_end import ROOT, _stop, _wait_for
+from .test_end_to_end import ROOT, _stop, running_chain
 
 
 def _free_port() -> int:
@@ -62,29 +62,12 @@ class NotifySocket:
 
 @pytest.fixture
 def sims(tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    logs = {name: (tmp_path / f"{name}.log").open("w") for name in ("collector", "sim")}
-    collector = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "collect", "serve", "--db", str(tmp_path / "collector.sqlite"),
-         "--port", "0", "--port-file", str(tmp_path / "collector.port")],
-        stdout=logs["collector"], stderr=subprocess.STDOUT, env=env)
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "firmware_sim.cli", "--manifest", str(tmp_path / "sim.json"),
-         "--vibration", "synthetic", "--sdm630", "--cpa", "--speed", "2"],
-        stdout=logs["sim"], stderr=subprocess.STDOUT, env=env)
-    try:
-        port = int(_wait_for(tmp_path / "collector.port", collector))
-        manifest = json.loads(_wait_for(tmp_path / "sim.json", sim))
+    with running_chain(tmp_path, speed=2) as (port, manifest, collector):
         template = tomllib.loads((ROOT / "examples" / "demo.toml").read_text())
         config = build_agent_config(template, manifest, port, tmp_path)
         config["summary"]["period_s"] = 1.0
         config["api"]["port"] = _free_port()
         yield tmp_path, config, collector
-    finally:
-        _stop(sim)
-        _stop(collector)
-        for f in logs.values():
-            f.close()
 
 
 def _start_agent(tmp_path: Path, config: dict, notify: NotifySocket, extra_env: dict | None = None):
