@@ -56,7 +56,10 @@ def format_summary_line(summary: dict[str, Any]) -> str:
     preferred = [p for p in points if p[0] in DEMO_POINTS] or points
     for name, point in preferred[:5]:
         last = point["last"]
-        shown = f"{last:.4g}" if isinstance(last, float) else str(last)
+        if isinstance(last, float):
+            shown = f"{last:.0f}" if abs(last) >= 1e4 else f"{last:.4g}"
+        else:
+            shown = str(last)
         values.append(f"{name}={shown}{(' ' + point['unit']) if point.get('unit') else ''}")
     errors = q.get("poll_errors", 0)
     tail = f"  ({errors} poll errors)" if errors else ""
@@ -291,6 +294,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                     config_path=Path(args.config) if args.config else None)
 
 
+def _timestamp(text: str) -> float:
+    """Parse Unix seconds or an ISO 8601 date/time (UTC when it names no zone)."""
+    from datetime import datetime, timezone
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time; use Unix seconds or ISO 8601 such as "
+                                         "2026-12-04 or 2026-12-04T10:30:00") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description="Edge agent for imaging-scanner plant.")
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
@@ -342,8 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="-", help="file to write (default: standard output)")
     p.add_argument("--gateway", default=None)
     p.add_argument("--source", default=None)
-    p.add_argument("--since", type=float, default=None, help="only windows ending at or after this Unix time")
-    p.add_argument("--until", type=float, default=None, help="only windows starting before this Unix time")
+    p.add_argument("--since", type=_timestamp, default=None,
+                   help="only windows ending at or after this time: Unix seconds or ISO 8601 (UTC if no zone)")
+    p.add_argument("--until", type=_timestamp, default=None,
+                   help="only windows starting before this time: Unix seconds or ISO 8601")
     p.add_argument("--features", default=None,
                    help="comma-separated features for CSV columns, e.g. velocity_rms_mm_s,low_pressure.mean")
     p.set_defaults(func=_cmd_collect_export)

@@ -412,8 +412,9 @@ class Agent:
                 kpis, episodes = state.kpi.summarise(features, alarms, t_start, now_wall, duration)
                 features = {**features, **kpis}
                 for episode in episodes:
-                    log.info("%s: fault episode from %.0f to %.0f (%.0f s)", state.id, episode["start"],
-                             episode["end"], episode["duration_s"])
+                    log.info("%s: fault episode from %s to %s (%.0f s)", state.id,
+                             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(episode["start"])),
+                             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(episode["end"])), episode["duration_s"])
                 if episodes:
                     features["fault_episode_start"] = episodes[-1]["start"]
                     features["fault_episode_end"] = episodes[-1]["end"]

@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_scenarios:
         for name in list_scenarios():
             scenario = load_scenario(name)
-            print(f"{name:<24} {scenario.description.splitlines()[0] if scenario.description else ''}")
+            first_sentence = " ".join(scenario.description.split()).split(". ")[0].rstrip(".")
+            print(f"{name:<24} {first_sentence}")
         return 0
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

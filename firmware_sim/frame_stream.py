@@ -400,6 +400,9 @@ class PtyVibrationSensor:
         held = self._held_bytes()
         if held and held + len(frame) > self.tx_queue_bytes:
             self.frames_dropped += 1
+            if self.frames_dropped in (1, 100, 10_000) or self.frames_dropped % 100_000 == 0:
+                logger.warning("%s: nobody reads fast enough; %d frames dropped so far (lower --speed or "
+                               "--vibration-speed if the agent should see them all)", self.path, self.frames_dropped)
             return
         self._queue.append(frame)
         self._queued_bytes += len(frame)
