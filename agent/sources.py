@@ -171,9 +171,13 @@ class VibrationSource:
                 self._wake.clear()
                 waiter = asyncio.ensure_future(self._wake.wait())
                 stopper = asyncio.ensure_future(stop.wait())
-                await asyncio.wait((waiter, stopper), return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                stopper.cancel()
+                try:
+                    await asyncio.wait((waiter, stopper), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    # Reap both helpers, so none is left pending when the loop closes.
+                    waiter.cancel()
+                    stopper.cancel()
+                    await asyncio.gather(waiter, stopper, return_exceptions=True)
                 continue
             await self.analyse_pending()
 
