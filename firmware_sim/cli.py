@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .frame_stream import DEFAULT_HEADROOM, PtyVibrationSensor
+from .modbus_sdm630 import CT_SCANNER_LOAD
 from .scenario import Offsets, Scenario, ScenarioRunner, list_scenarios, load_scenario
 from .vibration import FAULTS, Recording, SyntheticBearing
 
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="playback and process speed factor: 10 runs ten times faster than real time")
     p.add_argument("--link", default=None, help="also make this path a symlink to the pty (a stable port name)")
     p.add_argument("--sdm630", action="store_true", help="start the SDM630 power meter")
+    p.add_argument("--sdm630-load", choices=("compressor", "ct-scanner"), default="compressor",
+                   help="what the SDM630 meters: a compressor (default) or a CT scanner whose scans show as "
+                        "40-90 kW bursts")
     p.add_argument("--cpa", action="store_true", help="start the Cryomech CPA compressor")
     p.add_argument("--chiller", action="store_true", help="start the generic chiller (Modbus TCP)")
     p.add_argument("--room", action="store_true", help="start the generic room-environment sensor (Modbus TCP)")
@@ -141,7 +145,9 @@ async def _run(args: argparse.Namespace) -> int:
                                 "link": args.rtu_bus, "baudrate": bus.baudrate, "unit_id": device.unit_id})
             selected = []
         for kind, port in selected:
-            device = await start_modbus_device(kind, host=args.host, port=port, seed=args.seed, speed=args.speed)
+            options = dict(CT_SCANNER_LOAD) if kind == "sdm630" and args.sdm630_load == "ct-scanner" else {}
+            device = await start_modbus_device(kind, host=args.host, port=port, seed=args.seed, speed=args.speed,
+                                               **options)
             modbus.append(device)
             targets[kind] = device
             devices.append({"name": kind, "kind": kind, "transport": "tcp", "host": device.host,

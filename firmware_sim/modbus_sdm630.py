@@ -118,6 +118,11 @@ SDM630_WRITABLE: dict[int, tuple[str, tuple[float, ...] | None]] = {
 SDM630_QUANTITIES = ("voltage_v", "voltage_l1_v", "voltage_l2_v", "voltage_l3_v", "load_w",
                      "frequency_hz", "power_factor")
 SDM630_EVENTS = ("reset_energy", "reset_demand")
+# Options of a CT scanner's supply: idle near 10 kW, about 30 scans an hour of 40-90 kW for
+# 5-60 s each (an estimate of typical diagnostic CT loads, not a measured profile).
+CT_SCANNER_LOAD = {"load_w": 10000.0, "peaks_per_hour": 30.0, "peak_w": (30000.0, 80000.0),
+                   "peak_s": (5.0, 60.0)}
+
 # Below this voltage a phase carries no load: the supply is out.
 SDM630_OUTAGE_V = 20.0
 
@@ -126,7 +131,9 @@ class Sdm630:
     """Eastron SDM630 three-phase meter on the supply of a helium compressor.
 
     The load is a compressor drawing about `load_w` watts with slow noise, plus occasional
-    peaks of 1-3 kW lasting 20-90 s (`peaks_per_hour` on average). The wiring is 3P4W. Power
+    peaks of `peak_w` (default 1-3 kW) lasting `peak_s` (default 20-90 s), `peaks_per_hour`
+    on average. CT_SCANNER_LOAD gives the supply of a CT scanner instead: idle near 10 kW
+    and scans of 40-90 kW lasting 5-60 s. The wiring is 3P4W. Power
     factor follows the SDM630 sign convention: negative means an inductive load. The meter
     only imports, so every export register reads 0.
 
@@ -151,6 +158,8 @@ class Sdm630:
         frequency_hz: float = 50.0,
         power_factor: float = 0.88,
         peaks_per_hour: float = 4.0,
+        peak_w: tuple[float, float] = (1000.0, 3000.0),
+        peak_s: tuple[float, float] = (20.0, 90.0),
         energy_unit: str = "k",
         demand_period_min: int = 60,
         import_kwh: float | None = None,
@@ -162,6 +171,11 @@ class Sdm630:
         check_range("sdm630", "frequency_hz", frequency_hz, 45.0, 65.0)
         check_range("sdm630", "power_factor", power_factor, 0.5, 1.0)
         check_range("sdm630", "peaks_per_hour", peaks_per_hour, 0.0, 3600.0)
+        for name, (low, high), top in (("peak_w", peak_w, 200000.0), ("peak_s", peak_s, 86400.0)):
+            if not 0.0 <= low <= high <= top:
+                raise ValueError(f"sdm630: {name} = {(low, high)!r} is invalid; expected 0 <= low <= high <= {top:g}")
+        self.peak_w_range = (float(peak_w[0]), float(peak_w[1]))
+        self.peak_s_range = (float(peak_s[0]), float(peak_s[1]))
         check_choice("sdm630", "energy_unit", energy_unit, ("k", "M"))
         check_choice("sdm630", "demand_period_min", demand_period_min, SDM630_DEMAND_PERIODS_MIN)
         if import_kwh is not None:
@@ -249,8 +263,8 @@ class Sdm630:
             return
         chance = 1.0 - math.exp(-self.peaks_per_hour * dt_s / 3600.0)
         if self.rng.random() < chance:
-            self._peak_w = self.rng.uniform(1000.0, 3000.0)
-            self._peak_left_s = self.rng.uniform(20.0, 90.0)
+            self._peak_w = self.rng.uniform(*self.peak_w_range)
+            self._peak_left_s = self.rng.uniform(*self.peak_s_range)
 
     def _instant(self) -> dict[str, float]:
         """Compute the instantaneous electrical quantities from the current state."""
