@@ -11,16 +11,15 @@ import math
 import os
 import select
 import struct
-import termios
 import threading
 import time
-import tty
 import zlib
 from collections import deque
 from typing import Protocol
 
 import numpy as np
 
+from .pty_port import open_raw_pty, point_link
 from .scenario import Step
 
 logger = logging.getLogger(__name__)
@@ -203,22 +202,9 @@ class PtyVibrationSensor:
     def _open_pty(self) -> None:
         """Open a new pty pair and point `link` (if set) at its slave, as udev does for a
         stable /dev/serial/by-id name when a USB adapter is plugged in."""
-        master, slave = os.openpty()
-        try:
-            tty.setraw(slave, termios.TCSANOW)
-            os.set_blocking(master, False)
-            path = os.ttyname(slave)
-        except OSError:
-            os.close(master)
-            os.close(slave)
-            raise
-        self._master, self._slave, self.path = master, slave, path
+        self._master, self._slave, self.path = open_raw_pty()
         if self.link:
-            temporary = f"{self.link}.{os.getpid()}.tmp"
-            if os.path.lexists(temporary):
-                os.unlink(temporary)
-            os.symlink(path, temporary)
-            os.replace(temporary, self.link)
+            point_link(self.link, self.path)
 
     def _close_pty(self) -> None:
         for fd in (self._master, self._slave):

@@ -22,12 +22,12 @@ import contextlib
 import logging
 import os
 import struct
-import tty
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from firmware_sim.modbus_faults import FaultDecision
+from firmware_sim.pty_port import open_raw_pty, point_link
 
 logger = logging.getLogger(__name__)
 
@@ -202,19 +202,10 @@ class PtyPort:
         """Create the pseudo-terminal and return its slave path."""
         if self._master is not None:
             raise RuntimeError(f"pty port {self.path} is already open; close() it first")
-        master, slave = os.openpty()
-        # Raw mode: the line discipline must not translate or echo any byte.
-        tty.setraw(slave)
-        os.set_blocking(master, False)
-        self._master, self._slave = master, slave
-        self.path = os.ttyname(slave)
-        self._loop.add_reader(master, self._readable)
+        self._master, self._slave, self.path = open_raw_pty()
+        self._loop.add_reader(self._master, self._readable)
         if self.link:
-            temporary = f"{self.link}.{os.getpid()}.tmp"
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-            os.symlink(self.path, temporary)
-            os.replace(temporary, self.link)
+            point_link(self.link, self.path)
         return self.path
 
     def close(self, remove_link: bool = True) -> None:

@@ -24,14 +24,13 @@ import math
 import os
 import random
 import select
-import termios
 import threading
 import time
-import tty
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from .pty_port import open_raw_pty, point_link
 from .scenario import Offsets, Step
 
 logger = logging.getLogger(__name__)
@@ -633,23 +632,9 @@ class RunningF70:
     # -- pty -----------------------------------------------------------------------------
 
     def _open_pty(self) -> None:
-        master, slave = os.openpty()
-        try:
-            tty.setraw(slave, termios.TCSANOW)
-            os.set_blocking(master, False)
-            path = os.ttyname(slave)
-        except OSError:
-            os.close(master)
-            os.close(slave)
-            raise
-        self._master, self._slave, self.path = master, slave, path
+        self._master, self._slave, self.path = open_raw_pty()
         if self.link:
-            # Replace the link in one step, as udev does for a /dev/serial/by-id name.
-            temporary = f"{self.link}.{os.getpid()}.tmp"
-            if os.path.lexists(temporary):
-                os.unlink(temporary)
-            os.symlink(path, temporary)
-            os.replace(temporary, self.link)
+            point_link(self.link, self.path)
 
     def _close_pty(self) -> None:
         for fd in (self._master, self._slave):
