@@ -8,7 +8,7 @@ rule watches one metric of one source, evaluated once per summary, and keeps thi
     active --condition clear beyond the hysteresis--> inactive (event "cleared")
 
 An active alarm is listed in every summary of its source, so the central side always
-knows what is active, but its event is written once: repeats are not events. The detectors
+has the current list, but its event is written once: repeats are not events. The detectors
 behind baseline, rate and forecast rules keep their state in a plain dict that the
 service stores beside the buffer, so a restart resumes where it stopped.
 """

@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-ca-file", default=None, help="CA file that signs the gateways' HTTPS certificates")
     p.add_argument("--poll-interval", type=float, default=10.0, help="seconds between polls (default 10)")
     p.set_defaults(func=_cmd_collect_serve)
-    p = csub.add_parser("list", help="print what the collector holds per source")
+    p = csub.add_parser("list", help="print the count, time range and bytes of stored summaries per source")
     p.add_argument("--db", default="collector.sqlite")
     p.add_argument("--summaries", action="store_true", help="print every stored summary as JSON instead of the table")
     p.add_argument("--source", default=None, help="with --summaries: only this source")

@@ -42,7 +42,7 @@ class RateLimitedLog:
 def configure_logging(level: str = "INFO", stream=None) -> None:
     """Write one line per record, the form the systemd journal expects.
 
-    Records go to stdout unless `stream` says otherwise; commands that print data on
+    Records go to stdout unless `stream` names another; commands that print data on
     stdout (`run --echo`) pass stderr so their output stays machine-readable.
     """
     logging.basicConfig(

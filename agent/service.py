@@ -393,7 +393,7 @@ class Agent:
             counters = self._counter_delta(state.id, getattr(state.driver, "counters", {}))
             features, quality, alarms = state.source.take_summary(counters)
             if partial and not quality.get("frames") and not quality.get("polls"):
-                continue  # nothing arrived since the last summary: an empty window says nothing
+                continue  # nothing arrived since the last summary, so the window carries no information
             if partial:
                 quality["partial_window"] = True
             quality["restarts"] = state.restarts
@@ -433,7 +433,7 @@ class Agent:
             batch.append((state, summary))
             for kind, alarm in events:
                 # An alarm event is a summary of its own, so the buffer keeps it with the
-                # alarms (evicted last) and the central side sees it as soon as possible.
+                # alarms (evicted last) and the central side receives it as soon as possible.
                 batch.append((state, {
                     "v": SCHEMA_VERSION, "gateway": self.config.gateway_id, "source": state.id,
                     "kind": "alarm", "t_start": now_wall, "t_end": now_wall, "duration_s": 0.0,

@@ -1,7 +1,7 @@
 """Per-source pipelines: frame assembly, analysis and window aggregation.
 
 Each source turns what its driver delivers into one summary per period. These classes
-hold no sockets or ports themselves: the service feeds them and asks for summaries.
+hold no sockets or ports themselves: the service feeds them and requests summaries.
 """
 
 from __future__ import annotations

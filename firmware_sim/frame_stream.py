@@ -220,7 +220,7 @@ class PtyVibrationSensor:
 
         Faults (`kind`, for `duration_s` simulated seconds): "corrupt" flips a byte in every
         frame, "garbage" writes random bytes before every frame, "drop" withholds frames
-        (the receiver sees a sequence gap), "port_removed" closes the pty, as when a USB
+        (the receiver detects a sequence gap), "port_removed" closes the pty, as when a USB
         adapter is unplugged, and opens a new one afterwards (the `link` follows it).
         """
         if step.action in ("ramp", "set"):
@@ -387,7 +387,7 @@ class PtyVibrationSensor:
         if held and held + len(frame) > self.tx_queue_bytes:
             self.frames_dropped += 1
             if self.frames_dropped in (1, 100, 10_000) or self.frames_dropped % 100_000 == 0:
-                logger.warning("%s: nobody reads fast enough; %d frames dropped so far (lower --speed or "
+                logger.warning("%s: the reader is too slow; %d frames dropped so far (lower --speed or "
                                "--vibration-speed if the agent should see them all)", self.path, self.frames_dropped)
             return
         self._queue.append(frame)

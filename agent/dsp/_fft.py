@@ -473,7 +473,7 @@ def fft_plan(n: int) -> FftPlan:
 
 @njit(cache=True, nogil=True)
 def _rfft_checked(x, tables):
-    """Return rfft(x), or an empty array when x holds NaN or infinity.
+    """Return rfft(x), or an empty array when x contains NaN or infinity.
 
     One compiled call for the public wrapper: the finiteness check, the output allocation
     and the transform, so the wrapper pays one dispatch instead of three.

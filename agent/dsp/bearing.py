@@ -33,7 +33,7 @@ def orders_from_geometry(balls: int, ball_diameter: float, pitch_diameter: float
                          contact_angle_deg: float = 0.0) -> DefectOrders:
     """Compute defect orders from bearing geometry (diameters in any one unit).
 
-    Uses the rigid-body kinematic formulas for an outer race that stands still and an
+    Uses the rigid-body kinematic formulas for a stationary outer race and an
     inner race turning with the shaft.
     """
     if balls < 3:

@@ -111,7 +111,7 @@ class FrameAnalyzer:
         self._plan = fft_plan(frame_length)
         self._window = np.hanning(frame_length + 1)[:-1].copy()  # periodic Hann
         # The envelope is computed at baseband on the shortest power of two (>= 64) that
-        # holds twice the band's bins, so its spectrum reaches up to the band width.
+        # contains twice the band's bins, so its spectrum reaches up to the band width.
         band_bins = int(math.floor(self.envelope_band[1] / df)) - int(math.ceil(self.envelope_band[0] / df)) + 1
         points = 64
         while points < 2 * band_bins and points < frame_length:

@@ -391,7 +391,7 @@ class Uploader:
 
 
 def parse_retry_after(value: str | None, server_date: str | None = None) -> float | None:
-    """Return the seconds a Retry-After header asks to wait, or None if it is missing or invalid.
+    """Return the seconds a Retry-After header requests as a wait, or None if it is missing or invalid.
 
     The header is either whole seconds or an HTTP date. A date is compared with the
     response's Date header when there is one, so a gateway clock that is off (no RTC, not
